@@ -1,0 +1,300 @@
+"""The results schema: one pandas row per measured run, pickled under ``results/``.
+
+Every timing or accuracy measurement of the study becomes one row with the
+columns in :data:`COLUMNS` (plus any extra columns an experiment wants). Rows
+carry the machine they were measured on (``host``, ``cpu``, ``gpu``) and the
+library versions and commit, so frames from several machines can be merged and
+speedups are only ever computed against a baseline from the same host.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cnn import runinfo
+from cnn.io import save_pickle
+
+#: The schema, in order. Frames built here always start with these columns.
+COLUMNS: list[str] = [
+    "experiment",
+    "strategy",
+    "backend",
+    "processes",
+    "threads",
+    "device",
+    "model",
+    "dataset",
+    "batch_size",
+    "epochs",
+    "samples",
+    "wall_s",
+    "compile_s",
+    "step_ms_median",
+    "step_ms_iqr",
+    "samples_per_s",
+    "comm_s",
+    "test_acc",
+    "final_loss",
+    "host",
+    "cpu",
+    "gpu",
+    "versions",
+    "commit",
+    "timestamp",
+]
+
+#: Columns that hold numbers; missing ones are NaN rather than None.
+NUMERIC_COLUMNS: frozenset[str] = frozenset(
+    {
+        "processes",
+        "threads",
+        "batch_size",
+        "epochs",
+        "samples",
+        "wall_s",
+        "compile_s",
+        "step_ms_median",
+        "step_ms_iqr",
+        "samples_per_s",
+        "comm_s",
+        "test_acc",
+        "final_loss",
+    }
+)
+
+#: Columns filled from :func:`cnn.runinfo.run_info` when the caller leaves them out.
+MACHINE_COLUMNS: tuple[str, ...] = ("host", "cpu", "gpu", "versions", "commit", "timestamp")
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float | np.floating) and math.isnan(value)
+
+
+def _cpu_label(info: Mapping[str, Any]) -> str:
+    """``"<model> (<physical> cores, <logical> threads)"`` from a run_info dict."""
+    model = info.get("cpu") or "unknown"
+    counts = info.get("cpu_count") or {}
+    physical, logical = counts.get("physical"), counts.get("logical")
+    if physical is None and logical is None:
+        return str(model)
+    return f"{model} ({physical if physical is not None else '?'} cores, {logical} threads)"
+
+
+def make_row(**fields: Any) -> dict[str, Any]:
+    """One result row: the given fields, every schema column present, machine facts filled.
+
+    ``host``, ``cpu``, ``gpu``, ``versions``, ``commit`` and ``timestamp`` come from
+    :func:`cnn.runinfo.run_info` unless given (a given ``None`` also counts as
+    absent, except for ``gpu`` where ``None`` means "no GPU" and is kept). Other
+    missing schema columns are NaN (numeric ones) or ``None``. Extra fields are kept,
+    after the schema columns, in the order given.
+    """
+    need = [
+        c for c in MACHINE_COLUMNS if c not in fields or (c != "gpu" and _is_missing(fields[c]))
+    ]
+    info = runinfo.run_info() if need else {}
+    machine = {
+        "host": info.get("host"),
+        "cpu": _cpu_label(info) if info else None,
+        "gpu": info.get("gpu"),
+        "versions": info.get("versions"),
+        "commit": info.get("commit"),
+        "timestamp": info.get("timestamp"),
+    }
+    row: dict[str, Any] = {}
+    for col in COLUMNS:
+        if col in need:
+            row[col] = machine[col]
+        elif col in fields:
+            row[col] = fields[col]
+        else:
+            row[col] = np.nan if col in NUMERIC_COLUMNS else None
+    for key, value in fields.items():
+        if key not in row:
+            row[key] = value
+    return row
+
+
+def _ordered_columns(columns: Iterable[str]) -> list[str]:
+    extras = [c for c in dict.fromkeys(columns) if c not in COLUMNS]
+    return COLUMNS + extras
+
+
+def to_frame(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """A DataFrame of ``rows`` with :data:`COLUMNS` first (missing ones added) then extras."""
+    if isinstance(rows, pd.DataFrame):
+        df = rows.copy()
+    else:
+        rows = [dict(r) for r in rows]
+        df = pd.DataFrame(rows)
+    cols = _ordered_columns(df.columns)
+    for col in cols:
+        if col not in df.columns:
+            df[col] = np.nan if col in NUMERIC_COLUMNS else None
+    return df.loc[:, cols].reset_index(drop=True)
+
+
+def _key(value: Any) -> Any:
+    """Hashable, NaN-insensitive form of a cell for collision checks."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, dict):
+        return repr(sorted(value.items()))
+    if isinstance(value, list | np.ndarray):
+        return repr(list(value))
+    return value
+
+
+def _keys(df: pd.DataFrame, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    if not columns:
+        return [() for _ in range(len(df))]
+    cols = [df[c].tolist() if c in df.columns else [None] * len(df) for c in columns]
+    return [tuple(_key(v) for v in vals) for vals in zip(*cols, strict=True)]
+
+
+def save_results(
+    df: pd.DataFrame | Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    merge_on: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Pickle a results frame to ``path`` atomically; return what was written.
+
+    Without ``merge_on`` the file is replaced. With ``merge_on`` (column names) and
+    an existing file, the existing rows are kept when they were measured on another
+    machine (their ``(host, device)`` pair does not occur in ``df``) and do not
+    collide with a new row on the ``merge_on`` columns; so results measured on
+    another machine survive a re-run here, while this machine's old rows are
+    superseded by the new run. New rows come first, kept rows after.
+    """
+    new = to_frame(df)
+    path = Path(path)
+    out = new
+    if merge_on is not None and path.exists():
+        on = [merge_on] if isinstance(merge_on, str) else list(merge_on)
+        old = to_frame(pd.read_pickle(path))
+        here = set(_keys(new, ["host", "device"]))
+        new_keys = set(_keys(new, on))
+        keep = [
+            hd not in here and k not in new_keys
+            for hd, k in zip(_keys(old, ["host", "device"]), _keys(old, on), strict=True)
+        ]
+        kept = old.loc[keep]
+        if len(kept):
+            out = to_frame(pd.concat([new, kept], ignore_index=True, sort=False))
+    save_pickle(out, path)
+    return out
+
+
+def load_results(path_or_glob: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """Load one results pickle, every pickle matching a glob, or a list of paths, concatenated.
+
+    Raises ``FileNotFoundError`` (naming the pattern) when nothing matches.
+    """
+    if isinstance(path_or_glob, str | os.PathLike):
+        pattern = os.fspath(path_or_glob)
+        paths = sorted(_glob.glob(pattern)) if _glob.has_magic(pattern) else [pattern]
+    else:
+        paths = [os.fspath(p) for p in path_or_glob]
+    paths = [p for p in paths if Path(p).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"no results file matches {path_or_glob!r}")
+    frames = [to_frame(pd.read_pickle(p)) for p in paths]
+    frames = [f for f in frames if len(f)] or frames[:1]
+    return to_frame(pd.concat(frames, ignore_index=True, sort=False))
+
+
+def step_stats(times_s: Sequence[float], warmup: int) -> dict[str, float]:
+    """Split per-step durations into JIT/first-call overhead and steady-state statistics.
+
+    ``times_s`` are step durations in seconds; the first ``warmup`` steps are warm-up.
+    Returns ``compile_s`` = sum(warm-up steps) - warmup * median(rest), clamped at 0
+    (the time the warm-up steps took beyond an ordinary step), and
+    ``step_ms_median`` / ``step_ms_iqr`` (75th - 25th percentile, linear
+    interpolation) in milliseconds over the steps after warm-up.
+    """
+    times = np.asarray(times_s, dtype=np.float64).ravel()
+    warmup = int(warmup)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if times.size <= warmup:
+        raise ValueError(
+            f"need more steps than warmup: got {times.size} step time(s) with warmup={warmup}"
+        )
+    if not np.all(np.isfinite(times)) or np.any(times < 0):
+        raise ValueError("step times must be finite and non-negative")
+    rest = times[warmup:]
+    median = float(np.median(rest))
+    q25, q75 = np.percentile(rest, [25.0, 75.0])
+    compile_s = max(0.0, float(times[:warmup].sum()) - warmup * median)
+    return {
+        "compile_s": compile_s,
+        "step_ms_median": median * 1e3,
+        "step_ms_iqr": float(q75 - q25) * 1e3,
+    }
+
+
+_HIGHER_IS_BETTER = frozenset({"samples_per_s"})
+
+
+def speedup_table(
+    df: pd.DataFrame,
+    baseline_strategy: str = "sequential",
+    metric: str = "wall_s",
+    by: Sequence[str] = ("host", "model", "dataset", "batch_size"),
+) -> pd.DataFrame:
+    """Add ``baseline_<metric>``, ``workers``, ``speedup`` and ``efficiency`` columns.
+
+    Rows are grouped by ``by`` (host, model, dataset, batch size by default); in
+    each group the baseline is the median ``metric`` of the rows whose ``strategy``
+    is ``baseline_strategy``. A baseline measured on another host is never used: a
+    group without its own baseline gets NaN. ``speedup`` is baseline/metric for
+    times (``wall_s``, ``step_ms_median``, ...) and metric/baseline for
+    throughputs (``samples_per_s``); ``efficiency`` = speedup / workers, where
+    workers = processes x threads (missing counts as 1).
+    """
+    out = to_frame(df)
+    by = list(by)
+    base_col = f"baseline_{metric}"
+    values = pd.to_numeric(out[metric], errors="coerce")
+    is_base = (out["strategy"] == baseline_strategy).tolist()
+    keys = _keys(out, by)
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for key, value, base in zip(keys, values, is_base, strict=True):
+        if base and not _is_missing(value):
+            groups.setdefault(key, []).append(float(value))
+    medians = {key: float(np.median(vals)) for key, vals in groups.items()}
+    out[base_col] = np.array([medians.get(key, np.nan) for key in keys], dtype=np.float64)
+    if metric in _HIGHER_IS_BETTER:
+        out["speedup"] = values / out[base_col]
+    else:
+        out["speedup"] = out[base_col] / values
+    procs = pd.to_numeric(out["processes"], errors="coerce").fillna(1)
+    threads = pd.to_numeric(out["threads"], errors="coerce").fillna(1)
+    out["workers"] = procs * threads
+    out["efficiency"] = out["speedup"] / out["workers"]
+    return out
+
+
+__all__ = [
+    "COLUMNS",
+    "MACHINE_COLUMNS",
+    "NUMERIC_COLUMNS",
+    "load_results",
+    "make_row",
+    "save_results",
+    "speedup_table",
+    "step_stats",
+    "to_frame",
+]
