@@ -148,7 +148,7 @@ class Flatten(Layer):
         return (int(np.prod(in_shape)),)
 
     def forward(self, B, x, p):
-        return x.reshape(x.shape[0], -1), x.shape
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), x.shape
 
     def backward(self, B, dy, ctx, p, g, need_dx):
         return dy.reshape(ctx)

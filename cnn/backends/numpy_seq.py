@@ -53,6 +53,10 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     dst[...] = src
 
 
+def device_name() -> str:
+    return "cpu"
+
+
 def synchronize() -> None:
     """Nothing is asynchronous here; the CUDA backend waits for its stream."""
 
