@@ -164,6 +164,9 @@ class Network:
 
     def evaluate(self, x, y, batch_size: int = 1000) -> tuple[float, float]:
         """``(mean loss, accuracy)`` over a whole split, in batches (no gradients)."""
+        if len(x) != len(y) or len(y) == 0:
+            raise ShapeError(f"evaluate needs as many labels as samples (and at least one), "
+                             f"got {len(x)} samples and {len(y)} labels")
         y = self._check_y(y, len(y))
         total_loss, correct = 0.0, 0
         for start in range(0, len(y), batch_size):
@@ -176,6 +179,8 @@ class Network:
 
     def predict(self, x, batch_size: int = 1000) -> np.ndarray:
         """Predicted class index per sample."""
+        if len(x) == 0:
+            raise ShapeError("predict needs at least one sample")
         return np.concatenate([self.forward(x[i:i + batch_size]).argmax(axis=1)
                                for i in range(0, len(x), batch_size)])
 
@@ -194,13 +199,15 @@ class Network:
         if missing or unexpected:
             raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
-        for s in self.slots:
+        values = []
+        for s in self.slots:  # check everything before touching any weight
             value = state[s.name]
             value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             if tuple(value.shape) != s.shape:
                 raise ShapeError(f"{s.name}: expected shape {s.shape}, got {tuple(value.shape)}")
-            self.backend.copy_into(self._pviews[s.layer][s.key],
-                                   np.ascontiguousarray(value, dtype=self.dtype))
+            values.append(np.ascontiguousarray(value, dtype=self.dtype))
+        for s, value in zip(self.slots, values, strict=True):
+            self.backend.copy_into(self._pviews[s.layer][s.key], value)
 
     def save(self, path: str | os.PathLike) -> None:
         """Weights as ``.npz`` (state_dict names), written atomically."""

@@ -125,12 +125,13 @@ def maxpool2d_forward(x, k: int, s: int):
     y = windows[0][1].copy()
     for _, v in windows[1:]:
         np.maximum(y, v, out=y)
-    arg = np.zeros(y.shape, dtype=np.uint8)
+    small = k * k <= 256  # uint8 indices are cheapest; large windows need wider ones
+    arg = np.zeros(y.shape, dtype=np.uint8 if small else np.int32)
     found = windows[0][1] == y
     for off, v in windows[1:]:
         hit = v == y
         hit &= ~found
-        arg += hit.view(np.uint8) * np.uint8(off)
+        arg += hit.view(np.uint8) * arg.dtype.type(off)
         found |= hit
     return y, (arg, x.shape, k, s)
 
