@@ -1,0 +1,1 @@
+"""Parallel training strategies: MPI, HOGWILD and asynchronous k-fold."""
