@@ -1,0 +1,471 @@
+"""HOGWILD!: lock-free asynchronous SGD on one shared-memory weight buffer.
+
+    python -m cnn.parallel.hogwild --workers 2 --dataset fashion-mnist --epochs 3
+    python -m cnn.parallel.hogwild --workers 2 --lock ...      # control: updates serialised
+
+The scheme of Niu, Recht, Re and Wright (2011): ``W`` worker *processes* map the
+same flat parameter buffer (``multiprocessing.shared_memory``) and each one, with
+no lock, repeatedly reads the weights, computes a mini-batch gradient and writes
+its update straight into the shared buffer. Updates from different workers may
+interleave element by element; sparse or small conflicts cost little accuracy and
+no worker ever waits for another.
+
+How it is built here:
+
+* **One segment.** The parent creates one ``SharedMemory`` segment holding a small
+  per-worker counter table, the flat ``Network.params`` buffer (initialised by the
+  parent from ``--seed``, so it starts as ``cnn.train`` does) and the training set
+  (mapped, not copied, by every worker). Each worker builds its ``Network`` with
+  ``params=`` a NumPy view of the segment, so the layers' weight views *are* the
+  shared memory. The segment is unlinked in a ``finally`` in the parent: nothing is
+  left in ``/dev/shm`` after a normal run, an error, a crashed worker or Ctrl-C.
+* **Processes, started with ``spawn``.** Not threads: Numba's default threading layer
+  aborts on concurrent parallel calls from several threads, and NumPy would serialise
+  on the GIL anyway. ``spawn`` rather than ``fork``: a forked child inherits the
+  parent's OpenMP/TBB/BLAS thread pools and locks in whatever state they were,
+  which can deadlock Numba and OpenBLAS; ``spawn`` starts clean interpreters and
+  behaves the same on Linux, macOS and Windows (``forkserver`` is accepted too).
+  Start-up (imports, JIT) is outside the timed region.
+* **Shards.** Each epoch has one deterministic order of global batches (the one
+  ``cnn.train.fit`` uses, a function of ``(seed, epoch)``); worker ``w`` takes global
+  batches ``w, w+W, w+2W, ...``. So the workers' shards are disjoint and cover the
+  epoch, every worker sees a different random subset every epoch, and with ``W=1``
+  the run *is* sequential SGD, bit for bit. The lr of a step is the schedule at its
+  global batch index, so the schedule spans the whole run whatever ``W``.
+* **Optimiser state is per worker.** Momentum (or Adam) buffers live in each worker's
+  private memory and only accumulate that worker's own gradients; only the weights
+  are shared. (Sharing the velocity would make the momentum update itself racy.)
+* **Epoch ends.** Workers meet the parent at the end of each epoch (semaphores, not a
+  lock on the weights), so it can snapshot the weights for the per-epoch test
+  accuracy; snapshots are evaluated after training, outside the timed region.
+* **Staleness and collisions.** Each worker owns one cache line of the counter table:
+  its number of applied updates and an "updating now" flag (one writer each, so no
+  counts are lost). A step's *staleness* is the number of other workers' updates
+  applied between the moment it started reading the weights and the moment it
+  applies its own; a step *overlaps* when another worker's update was in progress
+  at its start or end, or completed during it (a write-write collision; always 0
+  with ``--lock``).
+* **Failure.** A worker that raises sends its traceback and exits; one that dies
+  without a word (segfault, ``os._exit``, OOM kill) is seen by polling exit codes
+  every 0.2 s. Either way the parent terminates the others, unlinks the segment and
+  raises :class:`HogwildWorkerError` with the worker's error text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import queue as queue_mod
+import secrets
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cnn import data as cdata
+from cnn.errors import CnnError, DivergenceError
+from cnn.results import make_row, save_results, step_stats, to_frame
+from cnn.train import add_training_args, build_network, load_data, make_training
+
+SHM_PREFIX = "cnn_hogwild_"
+_LINE = 8  # int64 slots per worker in the counter table: one 64-byte cache line
+_COUNT, _BUSY = 0, 1
+_POLL_S = 0.2
+
+
+class HogwildWorkerError(CnnError, RuntimeError):
+    """A HOGWILD worker raised or died; the message carries its error text."""
+
+
+# --- the shared segment ----------------------------------------------------------------
+
+def _align(n: int, a: int = 64) -> int:
+    return -(-n // a) * a
+
+
+def _layout(workers: int, num_params: int, dtype: np.dtype, x: np.ndarray,
+            y: np.ndarray) -> dict[str, Any]:
+    """Offsets of the counter table, the weights and the training set in the segment."""
+    lay: dict[str, Any] = {"workers": workers, "counters": 0}
+    off = _align(workers * _LINE * 8)
+    lay["params"] = (off, (num_params,), np.dtype(dtype).str)
+    off = _align(off + num_params * np.dtype(dtype).itemsize)
+    lay["x"] = (off, x.shape, x.dtype.str)
+    off = _align(off + x.nbytes)
+    lay["y"] = (off, y.shape, y.dtype.str)
+    lay["size"] = max(1, _align(off + y.nbytes))
+    return lay
+
+
+def _views(buf, lay: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {"counters": np.ndarray((lay["workers"], _LINE), np.int64, buffer=buf, offset=0)}
+    for key in ("params", "x", "y"):
+        off, shape, dt = lay[key]
+        out[key] = np.ndarray(shape, np.dtype(dt), buffer=buf, offset=off)
+    return out
+
+
+# --- the worker ------------------------------------------------------------------------
+
+@dataclass
+class _Spec:
+    """Everything a worker needs, picklable (sent once at spawn)."""
+
+    shm_name: str
+    layout: dict[str, Any]
+    args: argparse.Namespace
+    input_shape: tuple[int, ...]
+    num_classes: int
+    workers: int
+    steps_per_epoch: int
+    total_steps: int
+    parent_pid: int
+    fault: dict[str, Any] | None = None
+
+
+def _others(counters: np.ndarray, w: int, col: int) -> int:
+    return int(counters[:, col].sum() - counters[w, col])
+
+
+def _wait_release(sem, parent_pid: int) -> None:
+    while not sem.acquire(timeout=1.0):
+        if os.getppid() != parent_pid:  # the parent is gone: nobody will release us
+            os._exit(3)
+
+
+def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
+    """One HOGWILD worker: its shard of every epoch, updates straight into shared memory."""
+    shm = None
+    try:
+        shm = shared_memory.SharedMemory(name=spec.shm_name)
+        v = _views(shm.buf, spec.layout)
+        ctr, x, y = v["counters"], v["x"], v["y"]
+        args, W = spec.args, spec.workers
+        net = build_network(args, spec.input_shape, spec.num_classes, params=v["params"])
+        opt, sched = make_training(net, args, spec.steps_per_epoch)
+        fault = spec.fault if spec.fault and spec.fault.get("worker") == w else None
+        results.put(("ready", w, {"pid": os.getpid(), "threads": net.threads,
+                                  "device": net.backend.device_name()}))
+        n, spe = len(y), spec.steps_per_epoch
+        for epoch in range(args.epochs):
+            _wait_release(sem, spec.parent_pid)
+            batches = list(cdata.iterate_batches(n, args.batch_size, args.seed, epoch))
+            times, losses, stale, overlaps, lock_wait = [], [], [], 0, 0.0
+            for k in range(w, spe, W):
+                g = epoch * spe + k
+                if g >= spec.total_steps:
+                    break
+                if fault is not None and g >= fault.get("step", 0):
+                    if fault.get("kind") == "exit":
+                        os._exit(int(fault.get("code", 7)))
+                    raise RuntimeError(f"injected fault in worker {w} at step {g}")
+                idx = batches[k]
+                t0 = time.perf_counter()
+                seen_before = _others(ctr, w, _COUNT)
+                loss = net.loss_and_grad(x[idx], y[idx])
+                if not math.isfinite(loss):
+                    raise DivergenceError(
+                        f"loss became {loss} in worker {w} at epoch {epoch + 1}, global step "
+                        f"{g + 1} (lr={sched(g):g}): training diverged. Lower --lr or use "
+                        f"fewer workers.")
+                if lock is not None:
+                    tl = time.perf_counter()
+                    lock.acquire()
+                    lock_wait += time.perf_counter() - tl
+                try:
+                    busy_start = _others(ctr, w, _BUSY) > 0
+                    ctr[w, _BUSY] = 1
+                    seen_apply = _others(ctr, w, _COUNT)
+                    opt.step(lr=sched(g))
+                    net.backend.synchronize()
+                    seen_end = _others(ctr, w, _COUNT)
+                    busy_end = _others(ctr, w, _BUSY) > 0
+                    ctr[w, _COUNT] += 1
+                    ctr[w, _BUSY] = 0
+                finally:
+                    if lock is not None:
+                        lock.release()
+                times.append(time.perf_counter() - t0)
+                losses.append(loss)
+                stale.append(seen_apply - seen_before)
+                overlaps += busy_start or busy_end or seen_end != seen_apply
+            results.put(("epoch", w, {"epoch": epoch, "times": times, "losses": losses,
+                                      "stale": stale, "overlaps": overlaps,
+                                      "lock_wait": lock_wait}))
+        del net, opt, v, ctr, x, y
+        results.put(("done", w, None))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        results.put(("error", w, traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        if shm is not None:
+            # views still alive in a traceback: the OS unmaps at exit
+            with contextlib.suppress(BufferError):
+                shm.close()
+
+
+# --- the parent ------------------------------------------------------------------------
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _Pool:
+    """The worker processes, their message queue, and prompt crash detection."""
+
+    def __init__(self, ctx, spec: _Spec, lock: bool):
+        self.results = ctx.Queue()
+        self.sem = ctx.Semaphore(0)
+        self.lock = ctx.Lock() if lock else None
+        self.procs = [ctx.Process(target=_worker, name=f"hogwild-{w}", daemon=True,
+                                  args=(w, spec, self.results, self.sem, self.lock))
+                      for w in range(spec.workers)]
+        self.inbox: list[tuple[str, int, Any]] = []
+        self.finished: set[int] = set()
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    def _pull(self, timeout: float) -> None:
+        """Move one message to the inbox (raises ``queue.Empty``); a worker error raises."""
+        msg, w, payload = self.results.get(timeout=timeout)
+        if msg == "error":
+            raise HogwildWorkerError(f"HOGWILD worker {w} failed:\n{payload}")
+        if msg == "done":
+            self.finished.add(w)
+        self.inbox.append((msg, w, payload))
+
+    def collect(self, kind: str, timeout: float | None) -> dict[int, Any]:
+        """Wait for one ``kind`` message from every worker; raise on any worker failure."""
+        got: dict[int, Any] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for m in [m for m in self.inbox if m[0] == kind and m[1] not in got]:
+                got[m[1]] = m[2]
+                self.inbox.remove(m)
+            if len(got) == len(self.procs):
+                return got
+            try:
+                self._pull(_POLL_S)
+            except queue_mod.Empty:
+                self._check_alive(kind)
+                if deadline is not None and time.monotonic() > deadline:
+                    missing = sorted(set(range(len(self.procs))) - set(got))
+                    raise HogwildWorkerError(
+                        f"HOGWILD workers {missing} sent no {kind!r} message within "
+                        f"{timeout:.0f} s (stalled?); run stopped") from None
+
+    def _check_alive(self, waiting_for: str) -> None:
+        dead = [w for w, p in enumerate(self.procs)
+                if p.exitcode is not None and w not in self.finished]
+        if not dead:
+            return
+        try:  # its last words may still be in flight: drain them first
+            while True:
+                self._pull(1.0)
+        except queue_mod.Empty:
+            pass
+        for w in dead:
+            if w not in self.finished:
+                p = self.procs[w]
+                raise HogwildWorkerError(
+                    f"HOGWILD worker {w} (pid {p.pid}) {_describe_exit(p.exitcode)} while the "
+                    f"parent waited for {waiting_for!r}, without reporting an error (crash, "
+                    f"os._exit or out of memory?); the other workers were stopped")
+
+    def release(self) -> None:
+        for _ in self.procs:
+            self.sem.release()
+
+    def shutdown(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self.results.close()
+        self.results.join_thread()
+
+
+def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] | None = None,
+                test: tuple[np.ndarray, np.ndarray] | None = None, *,
+                log: Any = print, fault: dict[str, Any] | None = None,
+                return_params: bool = False):
+    """Train with ``args.workers`` HOGWILD workers; one results row per epoch.
+
+    ``args`` is the CLI's namespace (:func:`parse_args` builds one from keywords).
+    ``train``/``test`` default to the dataset the args name. ``fault`` is a test hook
+    (``{"worker": w, "step": s, "kind": "raise" | "exit"}``). With ``return_params``
+    the final shared weights are returned too, as ``(frame, params)``.
+    """
+    if train is None:
+        train, test0 = load_data(args)
+        test = test if test is not None else test0
+    x, y = train
+    x = np.ascontiguousarray(x)
+    y = np.ascontiguousarray(y)
+    W = int(args.workers)
+    if W < 1:
+        raise ValueError(f"--workers must be >= 1, got {W}")
+    if args.threads is None:
+        args = argparse.Namespace(**{**vars(args), "threads": 1})
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    ncls = int(max(y.max(), test[1].max() if test is not None else 0)) + 1
+    spe = math.ceil(len(y) / args.batch_size)
+    total = spe * args.epochs if args.max_steps is None else min(args.max_steps, spe * args.epochs)
+    net = build_network(args, x.shape[1:], ncls)  # initial weights, and evaluation later
+    lay = _layout(W, net.num_params, net.dtype, x, y)
+
+    import multiprocessing as mp
+    ctx = mp.get_context(args.start_method)
+    shm = shared_memory.SharedMemory(create=True, size=lay["size"],
+                                     name=f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}")
+    pool = None
+    try:
+        v = _views(shm.buf, lay)
+        v["counters"][...] = 0
+        v["params"][...] = net.params
+        v["x"][...] = x
+        v["y"][...] = y
+        spec = _Spec(shm.name, lay, args, tuple(x.shape[1:]), ncls, W, spe, total, os.getpid(),
+                     fault)
+        pool = _Pool(ctx, spec, lock=args.lock)
+        t_start = time.perf_counter()
+        pool.start()
+        ready = pool.collect("ready", timeout=args.startup_timeout)
+        startup_s = time.perf_counter() - t_start
+        if log:
+            log(f"HOGWILD: {W} worker process(es) ({args.start_method}), "
+                f"{'locked updates' if args.lock else 'lock-free'}, segment {shm.name} "
+                f"({lay['size'] / 2**20:.1f} MiB), started in {startup_s:.1f} s")
+        snapshots, epochs_stats, walls = [], [], []
+        epochs_run = math.ceil(total / spe)
+        for epoch in range(args.epochs):
+            t0 = time.perf_counter()
+            pool.release()
+            stats = pool.collect("epoch", timeout=args.epoch_timeout)
+            walls.append(time.perf_counter() - t0)
+            if epoch < epochs_run:
+                snapshots.append(v["params"].copy())
+                epochs_stats.append(stats)
+        pool.collect("done", timeout=args.epoch_timeout)
+        final = v["params"].copy()
+        del v
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        shm.unlink()
+        with contextlib.suppress(BufferError):
+            shm.close()
+
+    rows, seen, wall = [], 0, 0.0
+    info = ready[0]
+    for e, (params, stats) in enumerate(zip(snapshots, epochs_stats, strict=True)):
+        net.params[...] = params
+        test_loss, test_acc = net.evaluate(*test) if test is not None else (math.nan, math.nan)
+        times = [t for s in stats.values() for t in s["times"]]
+        losses = [v for s in stats.values() for v in s["losses"]]
+        stale = np.array([v for s in stats.values() for v in s["stale"]], dtype=np.int64)
+        steps = len(times)
+        batches = list(cdata.iterate_batches(len(y), args.batch_size, args.seed, e))
+        samples = sum(len(b) for b in batches[:steps])
+        seen += samples
+        wall += walls[e]
+        first = [s["times"][0] for s in stats.values() if s["times"]]
+        st = step_stats(times, 0)
+        rows.append(make_row(
+            experiment=args.experiment, strategy="hogwild-locked" if args.lock else "hogwild",
+            backend=net.backend.NAME, processes=W, threads=info["threads"],
+            device=info["device"], model=args.model, dataset=args.dataset,
+            batch_size=args.batch_size, epochs=e + 1, samples=seen, wall_s=wall,
+            compile_s=(max(0.0, float(np.mean(first)) - st["step_ms_median"] / 1e3)
+                       if e == 0 and first else 0.0),
+            step_ms_median=st["step_ms_median"], step_ms_iqr=st["step_ms_iqr"],
+            samples_per_s=samples / max(walls[e], 1e-12), comm_s=0.0, test_acc=test_acc,
+            final_loss=float(np.mean(losses)), epoch=e + 1, step=min(total, (e + 1) * spe),
+            train_loss=float(np.mean(losses)), test_loss=test_loss, workers=W, lock=args.lock,
+            staleness_mean=float(stale.mean()) if steps else math.nan,
+            staleness_max=int(stale.max()) if steps else 0,
+            stale_frac=float((stale > 0).mean()) if steps else math.nan,
+            overlap_frac=sum(s["overlaps"] for s in stats.values()) / max(steps, 1),
+            lock_wait_s=sum(s["lock_wait"] for s in stats.values()) / W,
+            updates=steps, start_method=args.start_method, startup_s=startup_s, seed=args.seed,
+            lr=args.lr, momentum=args.momentum, complete_epoch=steps == spe))
+        if log:
+            r = rows[-1]
+            log(f"epoch {e + 1:>3}  loss {r['train_loss']:.4f}  test acc {test_acc:.4f}  "
+                f"{r['samples_per_s']:.0f} samples/s  staleness {r['staleness_mean']:.2f} "
+                f"(max {r['staleness_max']})  overlaps {r['overlap_frac']:.1%}")
+    df = to_frame(rows)
+    return (df, final) if return_params else df
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cnn.parallel.hogwild",
+        description="HOGWILD! lock-free SGD: worker processes updating one shared-memory "
+                    "weight buffer without locks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_args(p)
+    g = p.add_argument_group("HOGWILD")
+    g.add_argument("--workers", type=int, default=2, help="worker processes")
+    g.add_argument("--lock", action="store_true",
+                   help="control variant: serialise the updates with one lock")
+    g.add_argument("--start-method", default="spawn", choices=["spawn", "forkserver"],
+                   help="how workers start (fork is refused: unsafe with Numba/BLAS pools)")
+    g.add_argument("--startup-timeout", type=float, default=300.0,
+                   help="seconds the workers may take to start (imports, JIT)")
+    g.add_argument("--epoch-timeout", type=float, default=None,
+                   help="fail if an epoch takes longer than this (seconds; default: no limit)")
+    p.set_defaults(experiment="hogwild")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, **overrides: Any) -> argparse.Namespace:
+    """The CLI's namespace; keywords override (``parse_args([], workers=2, epochs=3)``)."""
+    args = build_parser().parse_args([] if argv is None and overrides else argv)
+    for k, val in overrides.items():
+        if not hasattr(args, k):
+            raise TypeError(f"unknown HOGWILD option {k!r}")
+        setattr(args, k, val)
+    return args
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    df = run_hogwild(args, log=None if args.no_progress else print)
+    if args.save_metrics:
+        save_results(df, args.save_metrics)
+    if len(df):
+        r = df.iloc[-1]
+        print(f"test accuracy: {r['test_acc']:.4f}  (loss {r['test_loss']:.4f}); "
+              f"{df['samples'].iloc[-1] / df['wall_s'].iloc[-1]:.0f} samples/s over "
+              f"{r['wall_s']:.1f} s with {r['workers']} worker(s); staleness mean "
+              f"{df['staleness_mean'].mean():.2f}, overlapping updates "
+              f"{df['overlap_frac'].mean():.1%}")
+    return df
+
+
+if __name__ == "__main__":
+    main()
