@@ -19,19 +19,18 @@ from numpy.lib.stride_tricks import sliding_window_view
 NAME = "numpy"
 DESCRIPTION = "sequential NumPy, im2col + GEMM, one BLAS thread"
 
-_blas_limiter = None
-
-
 def configure(threads: int | None = None) -> int:
-    """Pin BLAS to one thread: this backend is the sequential baseline by definition."""
-    global _blas_limiter
+    """Pin BLAS to one thread: this backend is the sequential baseline by definition.
+
+    Re-applied on every call: a thread-limit context that exits elsewhere must not
+    leave the baseline running on every core for the rest of the process.
+    """
     if threads not in (None, 1):
         raise ValueError("the numpy backend is sequential: it runs on exactly 1 thread "
                          "(use --backend numba for threads)")
-    if _blas_limiter is None:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+    threadpool_limits(limits=1, user_api="blas")
     return 1
 
 
