@@ -127,7 +127,7 @@ def save_figure(fig: Any, name: str, directory: str | os.PathLike | None = None,
 
 def strategy_color(strategy: Any) -> str:
     """Stable colour of a strategy (unknown names get a fixed palette entry by hash)."""
-    key = str(strategy)
+    key = str(strategy).split(" (")[0]  # "allreduce (strong)" keeps allreduce's colour
     if key in STRATEGY_COLORS:
         return STRATEGY_COLORS[key]
     return PALETTE[zlib.crc32(key.encode()) % len(PALETTE)]
@@ -160,6 +160,8 @@ def machines_footer(df: pd.DataFrame) -> str:
         return ""
     lines = []
     for host, grp in df.groupby(df["host"].map(_text), sort=False):
+        if host == "?":  # rows without a host (modelled, not measured) name no machine
+            continue
         cpu = next((c for c in grp.get("cpu", []) if isinstance(c, str) and c), None)
         gpu = next((g for g in grp.get("gpu", []) if isinstance(g, str) and g), None)
         devices = sorted({_text(d) for d in grp.get("device", [])})
@@ -238,6 +240,10 @@ def training_curves(df: pd.DataFrame, x: str = "epoch", title: str | None = None
             ax_loss.plot(xs, _num(grp, "test_loss"), marker=marker, color=color,
                          linestyle="--", alpha=0.7, label=f"test: {label}")
         ax_acc.plot(xs, _num(grp, "test_acc"), marker=marker, color=color, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel(xcol or "row")
     ax_loss.set_ylabel("mean cross-entropy")
     ax_loss.set_title("loss")
@@ -293,16 +299,20 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
         _empty(ax_e, msg)
         return fig
     styles = _host_styles(df)
-    many_batches = df.get("batch_size", pd.Series(dtype=float)).nunique() > 1
-    keys = [c for c in ("strategy", "host", "device") if c in df.columns]
-    if many_batches:
-        keys.append("batch_size")
+    base_keys = [c for c in ("strategy", "host", "device") if c in df.columns]
+    batch = _num(df, "batch_size")
+    many_batches = bool((batch.groupby([df[k].map(_text) for k in base_keys]).nunique()
+                         > 1).any()) if base_keys else False
+    keys = base_keys + (["batch_size"] if many_batches else [])
     for key, grp in df.groupby([df[k].map(_text) for k in keys], sort=False):
         key = dict(zip(keys, key, strict=True))
         agg = grp.assign(_x=_num(grp, x)).groupby("_x")[["speedup", "efficiency"]].median()
         agg = agg.sort_index()
         marker, ls = styles.get(key.get("host", "?"), ("o", "-"))
-        extra = f"b={key['batch_size']}" if many_batches else None
+        if "(weak)" in str(key.get("strategy")):
+            ls = "--"
+        b = key.get("batch_size", "?").removesuffix(".0")
+        extra = f"b={b}" if many_batches and b not in ("?", "nan") else None
         label = series_label(key.get("strategy"), key.get("host"), key.get("device"), extra)
         color = strategy_color(key.get("strategy"))
         ax_s.plot(agg.index, agg["speedup"], marker=marker, linestyle=ls, color=color,
@@ -318,8 +328,12 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
             ax.set_xscale("log", base=2)
     ax_s.set_xlabel(x)
     ax_e.set_xlabel(x)
-    what = "throughput" if metric == "samples_per_s" else metric
-    ax_s.set_ylabel(f"speedup ({what} vs same-host {baseline_strategy})")
+    metrics = set(df["metric"].dropna()) if "metric" in df.columns else {metric}
+    names = {"samples_per_s": "throughput", "wall_s": "wall time"}
+    what = " or ".join(sorted(names.get(m, m) for m in metrics))
+    ax_s.set_ylabel(f"speedup vs same-host {baseline_strategy}")
+    ax_s.text(0.99, 0.01, f"metric: {what}", transform=ax_s.transAxes, ha="right",
+              va="bottom", fontsize=7, color="#444444")
     ax_e.set_ylabel("efficiency = speedup / workers")
     ax_e.set_ylim(bottom=0)
     ax_s.set_title("speedup")
@@ -331,8 +345,8 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
     return fig
 
 
-def throughput_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("strategy", "backend",
-                    "processes", "threads", "batch_size"), title: str | None = None,
+def throughput_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("experiment", "strategy",
+                    "backend", "processes", "threads", "batch_size"), title: str | None = None,
                     max_bars: int = 40) -> Any:
     """Horizontal bars of ``samples_per_s`` per configuration, labelled with host and device.
 
@@ -348,8 +362,7 @@ def throughput_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("strategy", "
     rows = rows.sort_values("samples_per_s", ascending=True).tail(max_bars)
     labels, colors, lows, highs = [], [], [], []
     thr = _num(rows, "samples_per_s")
-    med, iqr, batch = _num(rows, "step_ms_median"), _num(rows, "step_ms_iqr"), _num(rows,
-                                                                                    "batch_size")
+    med, iqr = _num(rows, "step_ms_median"), _num(rows, "step_ms_iqr")
     for i, (_, r) in enumerate(rows.iterrows()):
         parts = []
         for c in label_cols:
@@ -361,10 +374,10 @@ def throughput_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("strategy", "
                 parts.append(f"{short}={v}" if short else str(v))
         labels.append(series_label(" ".join(dict.fromkeys(parts)), r.get("host"), r.get("device")))
         colors.append(strategy_color(r.get("strategy")))
-        m, q, b = med.iloc[i], iqr.iloc[i], batch.iloc[i]
-        if all(np.isfinite([m, q, b])) and m > q / 2:
-            lows.append(max(0.0, thr.iloc[i] - b / ((m + q / 2) / 1e3)))
-            highs.append(max(0.0, b / ((m - q / 2) / 1e3) - thr.iloc[i]))
+        m, q = med.iloc[i], iqr.iloc[i]
+        if all(np.isfinite([m, q])) and m > q / 2:  # step-time IQR as a throughput range
+            lows.append(thr.iloc[i] * (1 - m / (m + q / 2)))
+            highs.append(thr.iloc[i] * (m / (m - q / 2) - 1))
         else:
             lows.append(0.0)
             highs.append(0.0)
@@ -418,7 +431,9 @@ def compute_comm_split(df: pd.DataFrame, normalise: bool = False,
     ax.set_xticks(pos, labels, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("fraction of wall time" if normalise else "seconds (median)")
     ax.grid(axis="x", visible=False)
-    ax.legend(loc="upper left")
+    top = 1.0 if normalise else float((compute + comm).max())
+    ax.set_ylim(0, top * 1.18)
+    ax.legend(loc="upper left", ncol=2)
     if title:
         ax.set_title(title)
     _footer(fig, rows)
@@ -463,40 +478,45 @@ def cpu_utilisation(samples: pd.DataFrame | Mapping[str, Sequence[float]],
 
 def sample_grid(x: np.ndarray, y: np.ndarray, classes: Sequence[str], per_class: int = 6,
                 title: str | None = None) -> Any:
-    """A grid of the first ``per_class`` images of every class (rows = classes)."""
+    """The first ``per_class`` images of every class as one mosaic (rows = classes).
+
+    One ``imshow`` of a tiled array (fast, and one image object in the PDF); each
+    image is rescaled to [0, 1] for display.
+    """
     import matplotlib.pyplot as plt
 
     apply_style()
+    x = np.asarray(x)
     k = len(classes)
-    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.75 + 1.3, k * 0.75 + 0.4),
-                             squeeze=False)
+    imgs = x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else (
+        np.moveaxis(x, 1, -1) if x.ndim == 4 else x)
+    h, w = imgs.shape[1:3]
+    pad = max(1, h // 14)
+    channels = imgs.shape[3:] if imgs.ndim == 4 else ()
+    mosaic = np.ones((k * (h + pad) + pad, per_class * (w + pad) + pad, *channels))
     for c in range(k):
-        idx = np.flatnonzero(np.asarray(y) == c)[:per_class]
-        for j in range(per_class):
-            ax = axes[c][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if j < len(idx):
-                img = np.asarray(x[idx[j]])
-                img = img[0] if img.ndim == 3 and img.shape[0] == 1 else (
-                    np.moveaxis(img, 0, -1) if img.ndim == 3 else img)
-                if img.ndim == 3:  # colour: rescale each image to [0, 1] for display
-                    img = (img - img.min()) / max(float(img.max() - img.min()), 1e-12)
-                ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None,
-                          interpolation="nearest")
-            if j == 0:
-                ax.set_ylabel(str(classes[c]), rotation=0, ha="right", va="center",
-                              fontsize=8)
+        for j, i in enumerate(np.flatnonzero(np.asarray(y) == c)[:per_class]):
+            img = imgs[i].astype(float)
+            img = (img - img.min()) / max(float(img.max() - img.min()), 1e-12)
+            r0, c0 = pad + c * (h + pad), pad + j * (w + pad)
+            mosaic[r0:r0 + h, c0:c0 + w] = img if channels else 1.0 - img
+    fig, ax = plt.subplots(figsize=(per_class * 0.55 + 1.6, k * 0.55 + 0.5))
+    ax.imshow(mosaic, cmap=None if channels else "gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_yticks([pad + c * (h + pad) + h / 2 for c in range(k)], [str(c) for c in classes],
+                  fontsize=8)
+    ax.set_xticks([])
+    ax.grid(False)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.tick_params(length=0)
     if title:
-        fig.suptitle(title, fontsize=10)
+        ax.set_title(title, fontsize=10)
     return fig
 
 
 def confusion_matrix(cm: np.ndarray, classes: Sequence[str], title: str | None = None,
-                     normalise: bool = True) -> Any:
+                     normalise: bool = True, host: str | None = None) -> Any:
     """Confusion matrix (rows = true class, columns = predicted), row-normalised by default."""
     import matplotlib.pyplot as plt
 
@@ -522,11 +542,69 @@ def confusion_matrix(cm: np.ndarray, classes: Sequence[str], title: str | None =
                  else "count")
     if title:
         ax.set_title(title)
+    _host_note(fig, host)
     return fig
 
 
-def accuracy_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("strategy", "processes",
-                  "threads"), title: str | None = None) -> Any:
+def twin_errors(df: pd.DataFrame, title: str | None = None, host: str | None = None) -> Any:
+    """Max relative error against the torch twin per model and quantity, float32 vs float64.
+
+    ``df`` is :func:`cnn.study.twin_checks` output (model, dtype, quantity, max_rel_err).
+    """
+    fig, (ax,) = _new_figure(1, (7.6, 3.6))
+    if df is None or not len(df):
+        _empty(ax, "no twin checks")
+        return fig
+    dtypes = list(dict.fromkeys(df["dtype"]))
+    models = list(dict.fromkeys(df["model"]))
+    pos, labels, zeros, x0 = [], [], [], 0
+    width = 0.8 / max(len(dtypes), 1)
+    for m in models:
+        sub = df.loc[df["model"] == m]
+        quantities = list(dict.fromkeys(sub["quantity"]))
+        for qi, q in enumerate(quantities):
+            for di, d in enumerate(dtypes):
+                v = sub.loc[(sub["quantity"] == q) & (sub["dtype"] == d), "max_rel_err"]
+                if not len(v):
+                    continue
+                val = float(v.max())
+                xpos = x0 + qi + di * width
+                if val > 0:
+                    ax.bar(xpos, val, width, color=PALETTE[di % len(PALETTE)],
+                           label=d if (m == models[0] and qi == 0) else None)
+                else:  # exact agreement: no bar on a log axis, say "0"
+                    zeros.append(xpos)
+            pos.append(x0 + qi + width * (len(dtypes) - 1) / 2)
+            labels.append(f"{m}: {q}")
+        x0 += len(quantities) + 1
+    ax.set_yscale("log")
+    bottom = ax.get_ylim()[0]
+    for xpos in zeros:
+        ax.text(xpos, bottom, "0", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(pos, labels, rotation=90, fontsize=6)
+    ax.set_ylabel("max |numpy - torch| / max |torch|")
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="center right", title="dtype" + (" (0 = exact)" if zeros else ""))
+    ax.set_title(title or "NumPy network vs PyTorch twin: logits, loss, every gradient")
+    _host_note(fig, host)
+    return fig
+
+
+def _host_note(fig: Any, host: str | None) -> None:
+    """Footer for figures computed live (no results frame): this machine."""
+    from cnn import runinfo
+
+    info = runinfo.run_info()
+    cpu = info.get("cpu") or "CPU unknown"
+    counts = info.get("cpu_count") or {}
+    text = (f"computed on {host or info.get('host')}: {cpu} ({counts.get('physical')} cores, "
+            f"{counts.get('logical')} threads); device cpu")
+    fig.text(0.0, -0.01, text, ha="left", va="top", fontsize=7, color="#444444",
+             transform=fig.transFigure)
+
+
+def accuracy_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("experiment", "strategy",
+                  "processes", "threads"), title: str | None = None) -> Any:
     """Final test accuracy per configuration (last epoch of each run), host-labelled."""
     rows = df.loc[_num(df, "test_acc").notna()] if df is not None and len(df) else df
     fig, (ax,) = _new_figure(1, (7.0, max(2.4, 0.3 * (0 if rows is None else len(rows)) + 1)))
@@ -555,47 +633,116 @@ def accuracy_bars(df: pd.DataFrame, label_cols: Sequence[str] = ("strategy", "pr
     return fig
 
 
-def costmodel_curves(df: pd.DataFrame, x: str = "processes", title: str | None = None) -> Any:
-    """Measured against modelled times from a cost-model frame.
+def amdahl(df: pd.DataFrame, serial_fraction: float, p_max: int = 64, x: str = "workers",
+           title: str | None = None) -> Any:
+    """Measured speedups (``df``: ``speedup`` and ``x`` columns) against Amdahl's law
+    ``S(P) = 1 / (f + (1 - f) / P)`` extrapolated to ``p_max``, with ``f`` given
+    (e.g. the Karp-Flatt serial fraction at the largest measured P)."""
+    fig, (ax,) = _new_figure(1, (6.4, 3.8))
+    ps = np.unique(np.round(np.geomspace(1, max(p_max, 2), 60)))
+    f = float(serial_fraction)
+    ax.plot(ps, 1 / (f + (1 - f) / ps), color="#444444", label=f"Amdahl, f = {f:.3f}")
+    ax.plot(ps, ps, color="#888888", linestyle=":", linewidth=1, label="ideal")
+    if df is not None and len(df):
+        styles = _host_styles(df)
+        keys = [c for c in ("strategy", "host", "device") if c in df.columns]
+        for key, grp in df.groupby([df[k].map(_text) for k in keys], sort=False):
+            key = dict(zip(keys, key, strict=True))
+            g = grp.assign(_x=_num(grp, x)).groupby("_x")["speedup"].median()
+            marker, _ = styles.get(key.get("host", "?"), ("o", "-"))
+            ax.plot(g.index, g.values, marker=marker, linestyle="none", markersize=7,
+                    color=strategy_color(key.get("strategy")),
+                    label=series_label(key.get("strategy"), key.get("host"), key.get("device")))
+        _footer(fig, df)
+    from matplotlib.ticker import ScalarFormatter
 
-    Measured columns are the time columns present (``step_ms_median``, ``wall_s``,
-    ``comm_s``, ...); modelled ones are any numeric column whose name contains
-    ``pred``, ``model`` or ``fit``. Measured points are markers, modelled lines.
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+    ax.axhline(1 / f if f > 0 else np.nan, color="#444444", linestyle="--", linewidth=0.8,
+               label=f"limit 1/f = {1 / f:.1f}" if f > 0 else None)
+    ax.set_xlabel(x)
+    ax.set_ylabel("speedup")
+    ax.legend(loc="upper left")
+    ax.set_title(title or "Amdahl extrapolation of the measured strong scaling")
+    return fig
+
+
+def costmodel_curves(df: pd.DataFrame, x: str = "processes", title: str | None = None) -> Any:
+    """A cost-model frame, whichever shape it has.
+
+    - extrapolation (``*efficiency`` columns against ``processes``, per ``network``):
+      efficiency curves, weak solid, strong dashed;
+    - model check (``time_s`` and ``predicted_s`` against ``bytes``): measured times as
+      markers, predictions as lines, per process count;
+    - otherwise: measured time columns (markers) and any ``*pred*``/``*model*``/``*fit*``
+      column (lines) against ``x``.
     """
     fig, (ax,) = _new_figure(1, (7.0, 3.8))
-    if df is None or not len(df) or x not in df.columns:
-        _empty(ax, f"no cost-model rows with a '{x}' column")
+    if df is None or not len(df):
+        _empty(ax, "no cost-model rows")
         return fig
-    numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])
-               and _num(df, c).notna().any()]
-    modelled = [c for c in numeric if any(k in c.lower() for k in ("pred", "model", "fit"))]
-    measured = [c for c in ("step_ms_median", "comm_ms", "comm_s", "wall_s") if c in numeric]
-    styles = _host_styles(df)
-    hosts = df["host"].map(_text) if "host" in df.columns else pd.Series("?", index=df.index)
-    for i, col in enumerate(measured + modelled):
-        for host, grp in df.groupby(hosts, sort=False):
-            g = grp.assign(_x=_num(grp, x), _y=_num(grp, col)).dropna(subset=["_x", "_y"])
-            g = g.groupby("_x")["_y"].median().sort_index()
-            if not len(g):
-                continue
-            marker, _ = styles.get(host, ("o", "-"))
-            kw = {"marker": marker, "linestyle": "none"} if col in measured else {
-                "linestyle": "-"}
-            ax.plot(g.index, g.values, color=PALETTE[i % len(PALETTE)],
-                    label=f"{col} @ {host}", **kw)
-    ax.set_xlabel(x)
-    ax.set_ylabel("time (units of each column)")
-    if _num(df, x).max() / max(_num(df, x).min(), 1) >= 8:
+    cols = set(df.columns)
+    eff = [c for c in df.columns if str(c).endswith("efficiency") and _num(df, c).notna().any()]
+    if eff and "processes" in cols:
+        group = next((c for c in ("network_name", "network") if c in cols), None)
+        groups = df.groupby(df[group].map(_text), sort=False) if group else [("model", df)]
+        for i, (name, g) in enumerate(groups):
+            for c in eff:
+                gg = g.assign(_x=_num(g, "processes"), _y=_num(g, c)).dropna(subset=["_x", "_y"])
+                gg = gg.groupby("_x")["_y"].median().sort_index()
+                ax.plot(gg.index, gg.values, color=PALETTE[i % len(PALETTE)], marker="o",
+                        linestyle="--" if "strong" in c else "-", label=f"{name}: {c}")
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_xscale("log", base=2)
-    ax.legend(loc="best")
-    ax.set_title(title or "cost model: measured (markers) vs modelled (lines)")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("processes (modelled)")
+        ax.set_ylabel("efficiency")
+        ax.set_title(title or "Cost model: extrapolated efficiency")
+    elif {"time_s", "predicted_s", "bytes"} <= cols:
+        pcol = "processes" if "processes" in cols else None
+        groups = df.groupby(_num(df, pcol), sort=True) if pcol else [("", df)]
+        for i, (p, g) in enumerate(groups):
+            g = g.sort_values("bytes")
+            color = PALETTE[i % len(PALETTE)]
+            label = f"P={int(p)}" if pcol else ""
+            ax.plot(_num(g, "bytes"), _num(g, "time_s"), "o", color=color,
+                    label=f"measured {label}")
+            ax.plot(_num(g, "bytes"), _num(g, "predicted_s"), "-", color=color,
+                    label=f"model {label}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("time (s)")
+        ax.set_title(title or "Cost model: measured vs modelled communication time")
+    elif x in cols:
+        numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])
+                   and _num(df, c).notna().any()]
+        modelled = [c for c in numeric if any(k in c.lower() for k in ("pred", "model", "fit"))]
+        measured = [c for c in ("step_ms_median", "comm_ms", "comm_s", "wall_s", "time_s")
+                    if c in numeric]
+        for i, col in enumerate(measured + modelled):
+            g = df.assign(_x=_num(df, x), _y=_num(df, col)).dropna(subset=["_x", "_y"])
+            g = g.groupby("_x")["_y"].median().sort_index()
+            kw = {"marker": "o", "linestyle": "none"} if col in measured else {"linestyle": "-"}
+            ax.plot(g.index, g.values, color=PALETTE[i % len(PALETTE)], label=col, **kw)
+        ax.set_xlabel(x)
+        ax.set_ylabel("time (units of each column)")
+        ax.set_title(title or "Cost model: measured (markers) vs modelled (lines)")
+    else:
+        _empty(ax, f"cost-model frame has no '{x}', '*efficiency' or 'predicted_s' columns")
+        return fig
+    ax.legend(loc="best", fontsize=7)
     _footer(fig, df)
     return fig
 
 
 __all__ = [
-    "PALETTE", "PNG_DPI", "STRATEGY_COLORS", "accuracy_bars", "apply_style", "compute_comm_split",
-    "confusion_matrix", "costmodel_curves", "cpu_utilisation", "images_dir", "machines_footer",
-    "sample_grid", "save_figure", "series_label", "speedup_efficiency", "strategy_color",
-    "throughput_bars", "training_curves",
+    "PALETTE", "PNG_DPI", "STRATEGY_COLORS", "accuracy_bars", "amdahl", "apply_style",
+    "compute_comm_split", "confusion_matrix", "costmodel_curves", "cpu_utilisation", "images_dir",
+    "machines_footer", "sample_grid", "save_figure", "series_label", "speedup_efficiency",
+    "strategy_color", "throughput_bars", "training_curves", "twin_errors",
 ]

@@ -254,7 +254,11 @@ def build_report(out: str | os.PathLike | None = None, summary: Any = None,
     elif not (root / "results" / "summary.json").is_file():
         raise FileNotFoundError(f"{root / 'results' / 'summary.json'} is missing: run "
                                 "'python -m cnn.summary' (or 'python -m cnn.study report')")
-    pdf = typst.compile(str(source), root=str(root), sys_inputs=inputs)
+    try:
+        pdf = typst.compile(str(source), root=str(root), sys_inputs=inputs)
+    except typst.TypstError as exc:  # the diagnostic names file, line and column
+        raise RuntimeError(f"typst could not compile {source}:\n"
+                           f"{getattr(exc, 'diagnostic', None) or exc}") from None
     with atomic_write(out) as fh:
         fh.write(pdf)
     return out
@@ -312,17 +316,18 @@ def _rel_err(a: Any, b: Any) -> float:
 
 
 def twin_table(df: pd.DataFrame) -> pd.DataFrame:
-    """``twin_checks`` as a table: rows = (model, quantity), columns = dtype."""
-    order = {q: i for i, q in enumerate(dict.fromkeys(df["quantity"]))}
+    """``twin_checks`` as a table: rows = (model, quantity) in check order, columns = dtype."""
     table = df.pivot_table(index=["model", "quantity"], columns="dtype", values="max_rel_err",
-                           aggfunc="max", sort=False)
-    return table.sort_index(level=1, key=lambda s: s.map(order), sort_remaining=False
-                            ).sort_index(level=0, sort_remaining=False)
+                           aggfunc="max")
+    order = list(dict.fromkeys(zip(df["model"], df["quantity"], strict=True)))
+    table = table.reindex(pd.MultiIndex.from_tuples(order, names=["model", "quantity"]))
+    table.columns.name = None
+    return table
 
 
 #: The baseline run at each scale (notebook 01 trains it when no saved baseline exists).
 BASELINE_SCALES: dict[str, dict[str, Any]] = {
-    "quick": dict(subset=3000, test_subset=2000, epochs=2, max_steps=200, batch_size=32),
+    "quick": dict(subset=2560, test_subset=1000, epochs=2, max_steps=None, batch_size=32),
     "standard": dict(subset=20000, test_subset=10000, epochs=3, max_steps=None, batch_size=64),
     "full": dict(subset=None, test_subset=None, epochs=15, max_steps=None, batch_size=64),
 }

@@ -100,7 +100,10 @@ CAPTIONS: dict[str, str] = {
     "summary_accuracy": "Test accuracy per strategy.",
     "summary_comm": "Compute vs communication time of the parallel strategies.",
     "summary_costmodel": "Cost model: measured vs modelled times.",
+    "summary_amdahl": "Measured strong-scaling speedups against Amdahl's law with the "
+                      "Karp-Flatt serial fraction at the largest P, extrapolated to 64 workers.",
     "summary_gpu": "GPU against CPU throughput.",
+    "summary_cpu": "Per-core CPU utilisation during the widest parallel run that recorded it.",
 }
 
 _STEP_EXCLUDE = ("kernel", "gemm-ceiling")
@@ -550,7 +553,8 @@ def mpi_headlines(frames, errors) -> dict[str, Any]:
                 res.update(source=src, strategy=s, host=host, label_from=label_from,
                            baseline=how, frame=df)
                 found[m].append(res)
-        if ((mode == "") & (strat != "sequential")).any():
+        timed = _num(df, "samples_per_s").notna() | _num(df, "wall_s").notna()
+        if ((mode == "") & (strat != "sequential") & timed).any():
             unlabelled.append(src)
     out: dict[str, Any] = {}
     for m, key in zip(("strong", "weak"), keys, strict=True):
@@ -588,6 +592,30 @@ def mpi_headlines(frames, errors) -> dict[str, Any]:
     return out
 
 
+def whole_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Whole-run rows of a frame that also holds per-fold rows (k-fold): ``kind == 'run'``,
+    else the rows whose ``fold`` is empty; other frames unchanged."""
+    if "kind" in df.columns and (_str(df, "kind") == "run").any() and \
+            (_str(df, "kind") != "run").any():
+        return df.loc[_str(df, "kind") == "run"], "whole-run rows (kind == 'run')"
+    if "fold" in df.columns and df["fold"].map(_missing).any() and \
+            (~df["fold"].map(_missing)).any():
+        return df.loc[df["fold"].map(_missing)], "whole-run rows (fold is empty)"
+    return df, ""
+
+
+def _last_acc(rows: pd.DataFrame) -> float:
+    """Test accuracy of the last epoch (largest ``epoch``/``epochs``), median over repeats."""
+    acc = _num(rows, "test_acc")
+    rows = rows.loc[acc.notna()]
+    if not len(rows):
+        return math.nan
+    ecol = next((c for c in ("epoch", "epochs") if _num(rows, c).notna().any()), None)
+    if ecol:
+        rows = rows.loc[_num(rows, ecol) == _num(rows, ecol).max()]
+    return float(_num(rows, "test_acc").median())
+
+
 def _async_headline(frames, errors, part: str, strategy_names: Sequence[str],
                     prefer: Sequence[str], what: str) -> dict[str, Any]:
     hits = _find(frames, SOURCES[part][0])
@@ -595,13 +623,9 @@ def _async_headline(frames, errors, part: str, strategy_names: Sequence[str],
         return not_measured(_absent(part, errors))
     src = hits[0]
     df = frames[src]
+    df, note = whole_runs(df)
     strat = _str(df, "strategy")
-    notes = []
-    if "fold" in df.columns and df["fold"].map(_missing).any() and \
-            (~df["fold"].map(_missing)).any():
-        df = df.loc[df["fold"].map(_missing)]
-        strat = strat.loc[df.index]
-        notes.append("whole-run rows (fold is empty)")
+    notes = [note] if note else []
     mask = strat.str.lower().isin(strategy_names) if strategy_names else strat != "sequential"
     if not mask.any():
         mask = strat != "sequential"
@@ -626,7 +650,7 @@ def _async_headline(frames, errors, part: str, strategy_names: Sequence[str],
                             f"'sequential' or 1 worker) in {src}")
     best = max(cands, key=lambda c: (c["workers"], c["speedup"]))
     top, base = best["top"], best["base"]
-    acc_top, acc_base = _num(top, "test_acc").median(), _num(base, "test_acc").median()
+    acc_top, acc_base = _last_acc(top), _last_acc(base)
     p = best["workers"]
     return measured(
         best["speedup"], fmt_x(best["speedup"]), "speedup", src, frames[src],
@@ -682,24 +706,83 @@ def gpu_headlines(frames, errors) -> dict[str, Any]:
 
 
 def costmodel_part(frames) -> dict[str, Any]:
-    """Cost-model fits (``*cost*.pkl``): their columns and parameter-like values."""
+    """Cost-model results (``*cost*.pkl``): fitted parameters, the model's error against
+    measurements, and extrapolated efficiencies, whatever of these the files hold."""
     hits = [k for k in frames if "cost" in Path(k).name.lower()]
     if not hits:
         return not_measured("no results/*cost*.pkl (e.g. mpi_costmodel.pkl) found: the "
                             "cost-model fit of notebooks/04_mpi_data_parallel.ipynb has not "
                             "been saved yet")
-    src = hits[0]
-    df = frames[src]
-    pat = re.compile(r"alpha|beta|gamma|latency|bandwidth|flop|serial|fraction|overlap")
-    params = {}
-    for c in df.columns:
-        if pat.search(c.lower()):
-            v = _num(df, c).dropna()
-            if len(v):
-                params[c] = jsonable(v.iloc[0] if v.nunique() == 1 else v.median())
-    return {"status": MEASURED, "source": src, "rows": len(df), "columns": list(df.columns),
-            "params": params, "host": _one(df.get("host", [None])),
-            "processes": sorted({_int(p) for p in _num(df, "processes").dropna()})}
+    pat = re.compile(r"^(alpha|beta|gamma|c0|c1)(_|$)|latency|bandwidth|serial_fraction")
+    params: dict[str, Any] = {}
+    extrapolated: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    procs: set[Any] = set()
+    hosts: list[Any] = []
+    for src in hits:
+        df = frames[src]
+        hosts.append(_one(df.get("host", [None])))
+        procs |= {_int(p) for p in _num(df, "processes").dropna()}
+        for c in df.columns:
+            if pat.search(c.lower()):
+                v = _num(df, c).dropna()
+                if len(v) and v.nunique() == 1:
+                    params[c] = jsonable(v.iloc[0])
+        eff_cols = [c for c in df.columns if c.endswith("efficiency")
+                    and _num(df, c).notna().any()]
+        if eff_cols and "processes" in df.columns:
+            group = next((c for c in ("network_name", "network", "interconnect")
+                          if c in df.columns), None)
+            groups = df.groupby(_str(df, group), sort=False) if group else [("", df)]
+            for name, g in groups:
+                top = g.loc[_num(g, "processes") == _num(g, "processes").max()].iloc[0]
+                for c in eff_cols:
+                    if _missing(top.get(c)):
+                        continue
+                    extrapolated.append({"source": src, "network": name or "-",
+                                         "processes": _int(top["processes"]), "column": c,
+                                         "value": jsonable(top[c]),
+                                         "text": fmt_pct(float(top[c]))})
+        if {"predicted_s", "time_s"} <= set(df.columns):
+            err = ((_num(df, "predicted_s") - _num(df, "time_s")) / _num(df, "time_s")).abs()
+            if err.notna().any():
+                checks.append({"source": src, "rows": int(err.notna().sum()),
+                               "median_abs_rel_error": jsonable(err.median()),
+                               "text": fmt_pct(float(err.median()))})
+    return {"status": MEASURED, "source": ", ".join(hits), "files": hits,
+            "rows": sum(len(frames[h]) for h in hits),
+            "columns": sorted({c for h in hits for c in frames[h].columns}),
+            "params": params, "extrapolated": extrapolated, "checks": checks,
+            "host": _one(hosts), "processes": sorted(p for p in procs if p is not None)}
+
+
+def cpu_samples_frame(row: Mapping[str, Any]) -> pd.DataFrame | None:
+    """Per-core CPU samples stored in a row (``cpu_times``, ``cpu_samples``) as a wide frame
+    (``time_s``, ``cpu0``, ``cpu1``, ...) with ``attrs["host"]``; None without samples."""
+    times, samples = row.get("cpu_times"), row.get("cpu_samples")
+    if not isinstance(samples, list | tuple | np.ndarray) or not len(samples):
+        return None
+    arr = np.asarray(samples, dtype=float)
+    if arr.ndim != 2:
+        return None
+    df = pd.DataFrame(arr, columns=[f"cpu{i}" for i in range(arr.shape[1])])
+    t = list(times) if isinstance(times, list | tuple | np.ndarray) else []
+    df.insert(0, "time_s", t if len(t) == len(df) else np.arange(len(df), dtype=float))
+    df.attrs["host"] = row.get("host")
+    return df
+
+
+def cpu_rows(frames: Mapping[str, pd.DataFrame]) -> list[tuple[str, pd.Series]]:
+    """``(source, row)`` of every row that carries per-core CPU samples."""
+    out = []
+    for src, df in frames.items():
+        if "cpu_samples" not in df.columns:
+            continue
+        for i, r in df.iterrows():
+            if isinstance(r.get("cpu_samples"), list | tuple | np.ndarray) and \
+                    len(r.get("cpu_samples")):
+                out.append((src, df.loc[i]))
+    return out
 
 
 # --------------------------------------------------------------------------- context
@@ -713,6 +796,8 @@ def hosts_part(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
             continue
         ts = pd.to_datetime(df.get("timestamp"), errors="coerce", utc=True)
         for host, grp in df.groupby(_str(df, "host"), sort=False):
+            if not host:  # model-only rows (e.g. an extrapolation) were measured nowhere
+                continue
             h = by_host.setdefault(host or "unknown", {"host": host or "unknown", "files": [],
                                                        "rows": 0, "devices": set(),
                                                        "commits": set(), "_ts": None})
@@ -842,8 +927,17 @@ def twin_part(batch: int = 4, seed: int = 0) -> dict[str, Any]:
     for dtype, grp in df.groupby("dtype"):
         worst[dtype] = {"max_rel_err": jsonable(grp["max_rel_err"].max()),
                         "text": f"{grp['max_rel_err'].max():.1e}"}
+    by_model = []
+    for (model, dtype), grp in df.groupby(["model", "dtype"], sort=False):
+        q = grp.set_index("quantity")["max_rel_err"]
+        grads = q.drop(["logits", "loss"], errors="ignore")
+        by_model.append({"model": model, "dtype": dtype, "params": int(grp["params"].iloc[0]),
+                         "tensors": len(grads), "logits": f"{q.get('logits', np.nan):.1e}",
+                         "loss": f"{q.get('loss', np.nan):.1e}",
+                         "grad_max": f"{grads.max():.1e}", "grad_worst": str(grads.idxmax())})
     return {"status": MEASURED, "batch": batch, "seed": seed,
             "rows": jsonable(df.to_dict(orient="records")), "worst": worst,
+            "by_model": by_model,
             "how": "computed live by cnn.study.twin_checks when the summary was built"}
 
 
@@ -861,6 +955,167 @@ def figures_part(images: Path) -> list[dict[str, Any]]:
                     "png": f"images/{stem}.png" if png.is_file() else None,
                     "notebook": nb, "caption": CAPTIONS.get(stem)})
     return out
+
+
+# --------------------------------------------------------------------------- frames for figures
+
+
+def _bench_batch(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Bench step rows of one batch size (128 if measured, else the largest)."""
+    steps = _step_rows(df)
+    b = _num(steps, "batch_size")
+    if not b.notna().any():
+        return steps, ""
+    pick = 128 if (b == 128).any() else b.max()
+    return steps.loc[b == pick], f"batch {_int(pick)}"
+
+
+def with_mode(df: pd.DataFrame, src: str) -> pd.DataFrame:
+    """MPI rows with a weak/strong label get it in the strategy: ``allreduce (strong)``."""
+    if not Path(src).name.startswith("mpi"):
+        return df
+    mode, _ = _scaling_mode(df, src)
+    if not (mode != "").any():
+        return df
+    strat = _str(df, "strategy")
+    lab = mode.map(lambda m: f" ({m})" if m else "")
+    return df.assign(strategy=strat.where(strat == "sequential", strat + lab))
+
+
+def speedup_frame(frames: Mapping[str, pd.DataFrame], include_reference: bool = False
+                  ) -> pd.DataFrame:
+    """Every strategy's rows with ``speedup``/``efficiency``/``workers`` against the
+    sequential rows of the same file measured on the same host (``cnn.results.speedup_table``).
+
+    Throughput (``samples_per_s``) is compared where the file has it, else ``wall_s``.
+    Bench files keep one batch size; MPI rows with a weak/strong label get it appended
+    to the strategy (``allreduce (strong)``). Sequential rows, and the torch reference
+    unless ``include_reference``, are left out of the result. Extra columns:
+    ``source``, ``metric``.
+    """
+    from cnn.results import speedup_table, to_frame
+
+    parts = []
+    for src, df in frames.items():
+        name = Path(src).name
+        if "cost" in name.lower() or not len(df):
+            continue
+        df = df.copy()
+        by = ["host", "model", "dataset"]
+        if "bench" in name:
+            df, _ = _bench_batch(df)
+            by += ["batch_size", "input_shape", "filters"]
+        if name.startswith("mpi"):
+            mode, _ = _scaling_mode(df, src)
+            if (mode != "").any():
+                df["_mode"] = mode
+                by.append("_mode")
+                df = with_mode(df, src)
+        df, _ = whole_runs(df)
+        timed = _num(df, "samples_per_s").notna() | _num(df, "wall_s").notna()
+        df = df.loc[timed]
+        seq = _str(df, "strategy") == "sequential"
+        if not len(df) or seq.all():
+            continue
+        baseline = "sequential"
+        if not seq.any():  # no sequential rows: each strategy against its own 1-worker rows
+            one = _workers(df) == 1
+            if not one.any():
+                continue
+            df = df.assign(_group=_str(df, "strategy"))
+            df.loc[one, "_group"] = df.loc[one, "strategy"]
+            df = df.assign(_strategy=df["strategy"], strategy=np.where(one, "sequential",
+                                                                     df["strategy"]))
+            by.append("_group")
+            baseline = "1 worker of the same strategy"
+            seq = one
+        metric = "samples_per_s" if _num(df.loc[~seq], "samples_per_s").notna().any() and \
+            _num(df.loc[seq], "samples_per_s").notna().any() and "kfold" not in name \
+            else "wall_s"
+        by = [c for c in by if c in df.columns]
+        out = speedup_table(df, baseline_strategy="sequential", metric=metric, by=by)
+        if "_strategy" in out.columns:
+            out["strategy"] = out["_strategy"]
+            out = out.loc[_workers(out) > 1]
+        out = out.loc[_str(out, "strategy") != "sequential"]
+        out = out.assign(baseline=baseline).drop(columns=["_group", "_strategy"],
+                                                 errors="ignore")
+        if not include_reference:
+            out = out.loc[_str(out, "backend") != "torch"]
+        out = out.assign(source=src, metric=metric).drop(columns=["_mode"], errors="ignore")
+        parts.append(out)
+    if not parts:
+        return to_frame([])
+    return to_frame(pd.concat(parts, ignore_index=True, sort=False))
+
+
+def throughput_rows(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows with ``samples_per_s`` from every file (bench files: one batch size)."""
+    from cnn.results import to_frame
+
+    parts = []
+    for src, df in frames.items():
+        if "cost" in Path(src).name.lower():
+            continue
+        if "bench" in Path(src).name:
+            df, _ = _bench_batch(df)
+        df = whole_runs(df)[0]
+        df = df.loc[_num(df, "samples_per_s").notna()]
+        if "baseline" in Path(src).name and len(df):  # one bar: the median epoch
+            med = _num(df, "samples_per_s").median()
+            df = df.loc[[(_num(df, "samples_per_s") - med).abs().idxmin()]]
+        if len(df):
+            parts.append(with_mode(df, src).assign(source=src))
+    return to_frame(pd.concat(parts, ignore_index=True, sort=False)) if parts else to_frame([])
+
+
+def accuracy_rows(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per file, strategy, host and worker count: the last row with a ``test_acc``."""
+    from cnn.results import to_frame
+
+    rows = []
+    for src, df in frames.items():
+        df = with_mode(whole_runs(df)[0], src)
+        df = df.loc[_num(df, "test_acc").notna()]
+        if not len(df):
+            continue
+        keys = [_str(df, c) for c in ("strategy", "host", "device")] + [_workers(df)]
+        for _, grp in df.groupby(keys, sort=False):
+            rows.append(grp.iloc[-1].to_dict() | {"source": src})
+    return to_frame(rows)
+
+
+def comm_rows(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows of parallel strategies with both ``wall_s`` and a positive ``comm_s``."""
+    from cnn.results import to_frame
+
+    parts = []
+    for src, df in frames.items():
+        sel = df.loc[_num(df, "wall_s").notna() & (_num(df, "comm_s") > 0)]
+        if len(sel):
+            parts.append(with_mode(sel, src).assign(source=src))
+    return to_frame(pd.concat(parts, ignore_index=True, sort=False)) if parts else to_frame([])
+
+
+def costmodel_frames(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The cost-model files (``*cost*.pkl``)."""
+    return {k: v for k, v in frames.items() if "cost" in Path(k).name.lower()}
+
+
+def gpu_rows(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Step rows of the GPU bench plus the CPU bench rows of the same batch sizes."""
+    from cnn.results import to_frame
+
+    gpu = [df for k, df in frames.items() if Path(k).name == SOURCES["bench_gpu"][0]]
+    if not gpu:
+        return to_frame([])
+    g = _step_rows(gpu[0])
+    cpu = [df for k, df in frames.items() if Path(k).name == SOURCES["bench_cpu"][0]]
+    parts = [g]
+    if cpu:
+        c = _step_rows(cpu[0])
+        parts.append(c.loc[_num(c, "batch_size").isin(set(_num(g, "batch_size").dropna()))])
+    return to_frame(pd.concat(parts, ignore_index=True, sort=False))
 
 
 # --------------------------------------------------------------------------- conclusions
@@ -1020,8 +1275,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["HEADLINES", "build_summary", "conclusions", "headline_table", "load_frames",
-           "main", "project_root", "results_dir", "write_summary"]
+__all__ = ["HEADLINES", "accuracy_rows", "build_summary", "comm_rows", "conclusions",
+           "costmodel_frames", "cpu_rows", "cpu_samples_frame", "gpu_rows", "headline_table",
+           "load_frames", "main", "project_root", "results_dir", "speedup_frame",
+           "throughput_rows", "whole_runs", "write_summary"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

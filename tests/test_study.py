@@ -28,7 +28,7 @@ def row(**kw):
 
 
 def fake_results(folder: Path, parts=("baseline", "bench_cpu", "mpi", "hogwild", "kfold",
-                                      "bench_gpu")) -> dict[str, pd.DataFrame]:
+                                      "bench_gpu", "costmodel")) -> dict[str, pd.DataFrame]:
     """A small results folder in the shapes the other notebooks write."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -81,11 +81,22 @@ def fake_results(folder: Path, parts=("baseline", "bench_cpu", "mpi", "hogwild",
                      wall_s=20.0 / s, test_acc=0.94) for w, s in ((1, 0.95), (2, 1.8))]
         out["hogwild.pkl"] = to_frame(rows)
     if "kfold" in parts:
-        rows = [row(experiment="kfold", strategy="sequential", backend="numpy", processes=1,
-                    threads=1, model="seed_cnn", dataset="digits", wall_s=60.0, test_acc=0.96),
-                row(experiment="kfold", strategy="kfold", backend="numpy", processes=2,
-                    threads=1, model="seed_cnn", dataset="digits", wall_s=40.0, test_acc=0.96)]
+        common = dict(experiment="kfold", backend="numpy", threads=1, model="seed_cnn",
+                      dataset="digits", folds=2)
+        rows = []
+        for strategy, engines, wall in (("sequential", 1, 60.0), ("kfold", 2, 40.0)):
+            rows += [row(kind="fold", fold=k, strategy=strategy, processes=engines,
+                         wall_s=wall / 2, test_acc=0.95, **common) for k in range(2)]
+            rows.append(row(kind="run", strategy=strategy, processes=engines, wall_s=wall,
+                            test_acc=0.96, cpu_times=[0.5, 1.0],
+                            cpu_samples=[[90.0, 10.0 * engines], [95.0, 20.0 * engines]],
+                            **common))
         out["kfold.pkl"] = to_frame(rows)
+    if "costmodel" in parts:
+        out["mpi_costmodel.pkl"] = pd.DataFrame(
+            [dict(network=n, processes=p, alpha_s=a, weak_efficiency=1 / (1 + p * a * 1e3),
+                  strong_efficiency=1 / (1 + p * a * 2e3))
+             for n, a in (("10GbE", 30e-6), ("IB-100G", 1.5e-6)) for p in (16, 64, 1024)])
     if "bench_gpu" in parts:
         common = dict(experiment="bench_gpu", model="seed_cnn", dataset="synthetic",
                       processes=1, threads=1, input_shape="3x32x32", filters="32,64")
@@ -143,6 +154,11 @@ def test_summary_headlines_match_the_pickles(full_summary):
     assert h["hogwild_speedup"]["workers"] == 2
     assert h["kfold_speedup"]["value"] == pytest.approx(1.5)
     assert h["kfold_speedup"]["column"] == "wall_s"
+    assert frames["kfold.pkl"].loc[h["kfold_speedup"]["rows"], "kind"].eq("run").all()
+    cm = summary["costmodel"]
+    assert cm["status"] == "measured" and cm["processes"] == [16, 64, 1024]
+    assert {(e["network"], e["column"]) for e in cm["extrapolated"]} == {
+        (n, c) for n in ("10GbE", "IB-100G") for c in ("weak_efficiency", "strong_efficiency")}
     g = h["gpu_throughput"]
     assert g["value"] == 30000.0 and g["host"] == "gpuhost" and g["device"] == "cuda:0"
     assert g["gpu"] == "Test GPU" and g["text"] == "30,000"
