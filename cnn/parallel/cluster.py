@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +47,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["EngineStartError", "MPICluster", "RankFailure", "find_mpiexec"]
+__all__ = ["SCALES", "EngineStartError", "MPICluster", "RankFailure", "Runner", "accuracy_plan",
+           "find_mpiexec", "hybrid_plan", "run_mpiexec", "run_plan", "run_sequential",
+           "check_targets", "scaling_plan", "summarize_scaling"]
 
 
 class EngineStartError(RuntimeError):
@@ -403,3 +407,296 @@ class MPICluster:
         """A global variable of rank 0's engine (after a ``%%px`` cell)."""
         rank0 = min(self.ranks, key=self.ranks.get)
         return self.client[rank0].apply_async(_engine_pull, name).get(timeout=timeout)
+
+
+# --- experiment drivers: the same runs through mpiexec or through ipyparallel engines ---
+
+def _run_cli(cmd: list[str], out: Path, timeout: float, env: Mapping[str, str] | None,
+             what: str) -> pd.DataFrame:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env or {})}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (
+            exc.stdout or "")
+        raise RankFailure(f"{what}: no result after {timeout:.0f}s\n{_tail(text)}") from None
+    if proc.returncode != 0:
+        raise RankFailure(f"{what} failed with status {proc.returncode}\n"
+                          f"{_tail(proc.stdout + proc.stderr)}")
+    return pd.read_pickle(out)
+
+
+def run_sequential(argv: Sequence[str], timeout: float = 3600.0,
+                   env: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """``python -m cnn.train argv`` in a fresh process; its per-epoch frame."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "m.pkl"
+        cmd = [sys.executable, "-m", "cnn.train", *argv, "--no-progress",
+               "--save-metrics", str(out)]
+        return _run_cli(cmd, out, timeout, env, "python -m cnn.train")
+
+
+def run_mpiexec(n: int, argv: Sequence[str], timeout: float = 3600.0,
+                mpi_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                mpiexec: str | None = None) -> pd.DataFrame:
+    """``mpiexec -n n python -m cnn.parallel.mpi argv``; rank 0's per-epoch frame."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "m.pkl"
+        cmd = [mpiexec or find_mpiexec(), "-n", str(n), *mpi_args, sys.executable, "-m",
+               "cnn.parallel.mpi", *argv, "--no-progress", "--save-metrics", str(out)]
+        return _run_cli(cmd, out, timeout, env, f"mpiexec -n {n} cnn.parallel.mpi")
+
+
+class Runner:
+    """Runs a strategy on P ranks ``via`` ``"mpiexec"`` (a fresh job per run) or
+    ``"ipyparallel"`` (an :class:`MPICluster` of P engines, kept while P and the thread
+    count stay the same). Sequential baselines always run as ``python -m cnn.train``."""
+
+    def __init__(self, via: str = "ipyparallel", mpi_args: Sequence[str] = (),
+                 start_timeout: float = 180.0, run_timeout: float = 3600.0):
+        if via not in ("mpiexec", "ipyparallel"):
+            raise ValueError(f"via must be 'mpiexec' or 'ipyparallel', got {via!r}")
+        self.via, self.mpi_args = via, list(mpi_args)
+        self.start_timeout, self.run_timeout = start_timeout, run_timeout
+        self._cluster: MPICluster | None = None
+        self._key: tuple[int, int] | None = None
+
+    def _env(self, threads: int) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": str(threads)}
+
+    def sequential(self, argv: Sequence[str], threads: int = 1) -> pd.DataFrame:
+        return run_sequential(argv, self.run_timeout, self._env(threads))
+
+    def mpi(self, n: int, argv: Sequence[str], threads: int = 1) -> pd.DataFrame:
+        if self.via == "mpiexec":
+            return run_mpiexec(n, argv, self.run_timeout, self.mpi_args, self._env(threads))
+        if self._key != (n, threads) or self._cluster is None or self._cluster.view is None:
+            self.close()
+            self._cluster = MPICluster(n, mpi_args=self.mpi_args, env=self._env(threads),
+                                       start_timeout=self.start_timeout).start()
+            self._cluster.push_code()
+            self._key = (n, threads)
+        return self._cluster.run([*argv, "--no-progress"], timeout=self.run_timeout)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+        self._cluster, self._key = None, None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+#: Sizes of the scaling and accuracy experiments (notebook 04, scripts/mpi_scaling.py).
+SCALES: dict[str, dict[str, Any]] = {
+    # minutes on 2 busy cores: few steps, small splits
+    "quick": dict(subset=2048, test_subset=500, steps=8, acc_subset=4096, acc_test=1000,
+                  acc_epochs=2, max_ranks=3),
+    # the measurements behind the study's numbers: enough steps for stable medians
+    "standard": dict(subset=16384, test_subset=2000, steps=40, acc_subset=None,
+                     acc_test=None, acc_epochs=3, max_ranks=None),
+    # the whole of Fashion-MNIST, one timed epoch per point and 10 accuracy epochs
+    "full": dict(subset=None, test_subset=None, steps=None, acc_subset=None, acc_test=None,
+                 acc_epochs=10, max_ranks=None),
+}
+
+SCALING_STRATEGIES: dict[str, list[str]] = {
+    "allreduce": ["--strategy", "allreduce"],
+    "allreduce-overlap": ["--strategy", "allreduce", "--overlap"],
+    "param-server": ["--strategy", "param-server"],
+    "async-param-server": ["--strategy", "async-param-server"],
+    "model-average": ["--strategy", "model-average", "--sync-every", "4"],
+}
+PS_LIKE = ("param-server", "async-param-server")
+
+
+def _cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def scaling_plan(scale: str = "quick", backend: str = "numpy", batch_per_rank: int = 64,
+                 global_batch: int = 128, ranks: Sequence[int] | None = None,
+                 strategies: Sequence[str] | None = None, dataset: str = "fashion-mnist",
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """The runs of the weak (fixed per-rank batch) and strong (fixed global batch) scaling
+    experiments: a sequential baseline for each, then every strategy at every P.
+
+    Ranks default to 1 .. physical cores + 1 (``max_ranks`` caps it; the parameter server
+    starts at 2: its rank 0 does not train). Strong scaling skips a P whose training ranks
+    do not divide the global batch. Each item: ``mode, strategy, processes, threads,
+    argv`` (``processes = 0`` for the sequential baseline).
+    """
+    cfg = SCALES[scale]
+    if ranks is None:
+        top = _cores() + 1
+        if cfg["max_ranks"]:
+            top = min(top, cfg["max_ranks"])
+        ranks = list(range(1, top + 1))
+    common = ["--dataset", dataset, "--backend", backend, "--model", "seed_cnn", "--epochs",
+              "1", "--seed", str(seed), "--schedule", "constant", "--lr", "0.01",
+              "--threads", "1"]
+    if cfg["subset"]:
+        common += ["--subset", str(cfg["subset"])]
+    common += ["--test-subset", str(cfg["test_subset"] or 1000)]
+    if cfg["steps"]:
+        common += ["--max-steps", str(cfg["steps"])]
+    plan: list[dict[str, Any]] = []
+    for mode in ("weak", "strong"):
+        seq_batch = batch_per_rank if mode == "weak" else global_batch
+        plan.append(dict(mode=mode, strategy="sequential", processes=0, threads=1,
+                         argv=[*common, "--batch-size", str(seq_batch)]))
+        for name in strategies or SCALING_STRATEGIES:
+            for P in ranks:
+                trainers = P - 1 if name in PS_LIKE else P
+                if trainers < 1:
+                    continue
+                if mode == "weak":
+                    b = batch_per_rank
+                elif global_batch % trainers:
+                    continue
+                else:
+                    b = global_batch // trainers
+                plan.append(dict(mode=mode, strategy=name, processes=P, threads=1,
+                                 argv=[*common, *SCALING_STRATEGIES[name], "--batch-size",
+                                       str(b), "--experiment", f"mpi_{mode}"]))
+    return plan
+
+
+def hybrid_plan(scale: str = "quick", backend: str = "numba", batch_per_rank: int = 64,
+                dataset: str = "fashion-mnist", cores: int | None = None) -> list[dict[str, Any]]:
+    """Allreduce with P ranks x T threads for every P * T = cores (numba backend), weak
+    scaling at ``batch_per_rank`` per rank, plus the sequential 1-thread baseline."""
+    cores = cores or _cores()
+    base = scaling_plan(scale, backend, batch_per_rank, ranks=[1], strategies=["allreduce"],
+                        dataset=dataset)
+    seq = next(p for p in base if p["mode"] == "weak" and p["strategy"] == "sequential")
+    ar = next(p for p in base if p["mode"] == "weak" and p["strategy"] == "allreduce")
+    plan = [dict(seq, mode="hybrid")]
+    for P in range(1, cores + 1):
+        if cores % P:
+            continue
+        T = cores // P
+        argv = [a for a in ar["argv"]]
+        argv[argv.index("--threads") + 1] = str(T)
+        argv[argv.index("--experiment") + 1] = "mpi_hybrid"
+        plan.append(dict(mode="hybrid", strategy="allreduce", processes=P, threads=T,
+                         argv=argv))
+    return plan
+
+
+def accuracy_plan(scale: str = "quick", backend: str = "numpy", batch_per_rank: int = 32,
+                  workers: int = 2, dataset: str = "fashion-mnist", seed: int = 0,
+                  lr: float = 0.05) -> list[dict[str, Any]]:
+    """Every strategy against sequential at equal epochs and equal global batch
+    (``workers * batch_per_rank``): allreduce and model-average on ``workers`` ranks, the
+    parameter servers on ``workers + 1``."""
+    cfg = SCALES[scale]
+    common = ["--dataset", dataset, "--backend", backend, "--epochs", str(cfg["acc_epochs"]),
+              "--seed", str(seed), "--lr", str(lr), "--schedule", "cosine"]
+    if cfg["acc_subset"]:
+        common += ["--subset", str(cfg["acc_subset"])]
+    if cfg["acc_test"]:
+        common += ["--test-subset", str(cfg["acc_test"])]
+    plan = [dict(mode="accuracy", strategy="sequential", processes=0, threads=1,
+                 argv=[*common, "--batch-size", str(workers * batch_per_rank)])]
+    for name, flags in SCALING_STRATEGIES.items():
+        if name == "allreduce-overlap":
+            continue  # the same arithmetic as allreduce
+        P = workers + 1 if name in PS_LIKE else workers
+        plan.append(dict(mode="accuracy", strategy=name, processes=P, threads=1,
+                         argv=[*common, *flags, "--batch-size", str(batch_per_rank),
+                               "--experiment", "mpi_accuracy"]))
+    return plan
+
+
+def run_plan(plan: Sequence[Mapping[str, Any]], runner: Runner,
+             log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Run every item of a plan; one frame of all their rows with ``mode`` added."""
+    from cnn.results import to_frame
+
+    frames = []
+    for i, item in enumerate(plan, 1):
+        t0 = time.monotonic()
+        if item["processes"] == 0:
+            df = runner.sequential(item["argv"], threads=item["threads"])
+            df["experiment"] = f"mpi_{item['mode']}"
+        else:
+            df = runner.mpi(item["processes"], item["argv"], threads=item["threads"])
+        df["mode"] = item["mode"]
+        df["argv"] = " ".join(item["argv"])
+        frames.append(df)
+        if log:
+            last = df.iloc[-1]
+            log(f"[{i}/{len(plan)}] {item['mode']:<8} {item['strategy']:<19} "
+                f"P={item['processes']} T={item['threads']}  step {last['step_ms_median']:.1f} ms"
+                f"  acc {last['test_acc']:.3f}  ({time.monotonic() - t0:.0f}s)")
+    return to_frame(pd.concat(frames, ignore_index=True, sort=False))
+
+
+def summarize_scaling(df: pd.DataFrame, epoch_samples: int = 60000) -> pd.DataFrame:
+    """Per run: steady step time, throughput, speedup and efficiency against the same
+    mode's sequential baseline (same host), communication share, time per epoch.
+
+    ``step_s`` is the mean step time without the first step (JIT, warm-up): from the rows'
+    ``wall_s``, ``compile_s`` and median (the first step = compile_s + median). Means,
+    not medians, so that model-average's every-k-step syncs count. The async server's
+    rows use its wall clock. ``throughput`` = global batch / step_s; ``speedup`` =
+    throughput / baseline throughput (equal global batch in strong mode, so the ratio of
+    step times; P times the samples in weak mode, so the scaled speedup); ``efficiency`` =
+    speedup / (processes x threads), every rank counted, the parameter server's too.
+    ``epoch_s`` = time for ``epoch_samples`` samples at that throughput.
+    """
+    out = df.copy()
+    med = out["step_ms_median"] / 1e3
+    steps = out["step"].astype(float)
+    first = out["compile_s"].fillna(0) + med
+    mean = (out["wall_s"] - first) / (steps - 1).clip(lower=1)
+    is_async = out["strategy"] == "async-param-server"
+    mean[is_async] = out.loc[is_async, "wall_s"] / steps[is_async]
+    out["step_s"] = mean.where(steps > 1, med)
+    out["throughput"] = out["batch_size"] / out["step_s"]
+    seq = out["strategy"] == "sequential"
+    base = {(m, h): float(g["throughput"].median())
+            for (m, h), g in out[seq].groupby(["mode", "host"])}
+    out["baseline_throughput"] = [base.get((m, h), np.nan)
+                                  for m, h in zip(out["mode"], out["host"], strict=True)]
+    out["speedup"] = out["throughput"] / out["baseline_throughput"]
+    procs = out["processes"].where(~seq, 1).fillna(1)
+    out["workers"] = procs * out["threads"].fillna(1)
+    out["efficiency"] = out["speedup"] / out["workers"]
+    out["comm_share"] = out["comm_s"] / out["wall_s"]
+    out["epoch_s"] = epoch_samples / out["throughput"]
+    return out
+
+
+def check_targets(summary: pd.DataFrame) -> pd.DataFrame:
+    """The issue's measured targets, each with its value and pass/fail."""
+    rows = []
+    s = summary
+
+    def pick(mode, strategy, P):
+        r = s[(s["mode"] == mode) & (s["strategy"] == strategy) & (s["processes"] == P)]
+        return float(r["efficiency"].iloc[0]) if len(r) else np.nan
+
+    weak2, strong2 = pick("weak", "allreduce", 2), pick("strong", "allreduce", 2)
+    rows.append(dict(target="weak-scaling efficiency, allreduce, 2 ranks >= 0.90",
+                     value=weak2, ok=bool(weak2 >= 0.90)))
+    rows.append(dict(target="strong-scaling efficiency, allreduce, 2 ranks, global 128 >= 0.85",
+                     value=strong2, ok=bool(strong2 >= 0.85)))
+    weak = s[s["mode"] == "weak"]
+    for P in sorted(set(weak["processes"].dropna().astype(int))):
+        if P < 2:
+            continue
+        ar = weak[(weak["strategy"] == "allreduce") & (weak["processes"] == P)]["epoch_s"]
+        ps = weak[(weak["strategy"] == "param-server") & (weak["processes"] == P)]["epoch_s"]
+        if len(ar) and len(ps):
+            rows.append(dict(target=f"allreduce faster per epoch than param-server, P={P}",
+                             value=float(ps.iloc[0] / ar.iloc[0]),
+                             ok=bool(ar.iloc[0] < ps.iloc[0])))
+    return pd.DataFrame(rows)
