@@ -52,7 +52,7 @@ def test_serial_and_engines_give_identical_folds():
         assert f_ser[col].tolist() == f_par[col].tolist(), col
     assert f_par["pid"].nunique() == 2 and set(f_par["engine"]) == {0, 1}
     r_ser, r_par = (d[d["kind"] == "run"].iloc[0] for d in (ser, par))
-    assert r_ser["strategy"] == "kfold-serial" and r_par["strategy"] == "kfold-async"
+    assert r_ser["strategy"] == "sequential" and r_par["strategy"] == "kfold"
     assert r_par["processes"] == 2 and r_par["threads"] == 1
     assert r_ser["test_acc"] == r_par["test_acc"] == pytest.approx(f_par["test_acc"].mean())
     assert len(r_par["cpu_busy"]) >= 1 and len(r_par["cpu_samples"]) >= 1
@@ -77,6 +77,7 @@ def test_cpu_sampler_sees_every_core():
     with CpuSampler(0.05) as s:
         time.sleep(0.3)
     assert len(s.samples) >= 2 and len(s.busy()) == psutil.cpu_count()
+    assert len(s.own) == len(s.samples) and all(v >= 0 for v in s.own)
 
 
 def test_bad_options_are_refused():

@@ -158,6 +158,7 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
             _wait_release(sem, spec.parent_pid)
             batches = list(cdata.iterate_batches(n, args.batch_size, args.seed, epoch))
             times, losses, stale, overlaps, lock_wait = [], [], [], 0, 0.0
+            cpu0 = time.process_time()
             for k in range(w, spe, W):
                 g = epoch * spe + k
                 if g >= spec.total_steps:
@@ -198,7 +199,8 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
                 overlaps += busy_start or busy_end or seen_end != seen_apply
             results.put(("epoch", w, {"epoch": epoch, "times": times, "losses": losses,
                                       "stale": stale, "overlaps": overlaps,
-                                      "lock_wait": lock_wait}))
+                                      "lock_wait": lock_wait,
+                                      "cpu_s": time.process_time() - cpu0}))
         del net, opt, v, ctr, x, y
         results.put(("done", w, None))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
@@ -322,7 +324,13 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
     x, y = train
     x = np.ascontiguousarray(x)
     y = np.ascontiguousarray(y)
-    W = int(args.workers)
+    W = args.workers
+    if isinstance(W, list | tuple):
+        if len(W) != 1:
+            raise ValueError(f"run_hogwild takes one worker count, got {W}; use compare()")
+        W = W[0]
+    W = int(W)
+    args = argparse.Namespace(**{**vars(args), "workers": W})
     if W < 1:
         raise ValueError(f"--workers must be >= 1, got {W}")
     if args.threads is None:
@@ -408,6 +416,9 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
             stale_frac=float((stale > 0).mean()) if steps else math.nan,
             overlap_frac=sum(s["overlaps"] for s in stats.values()) / max(steps, 1),
             lock_wait_s=sum(s["lock_wait"] for s in stats.values()) / W,
+            # CPU seconds per step: equal for 1 and W workers means no contention, whatever
+            # else the machine is running (a wall-clock-free check of the speedup)
+            step_cpu_ms=1e3 * sum(s["cpu_s"] for s in stats.values()) / max(steps, 1),
             updates=steps, start_method=args.start_method, startup_s=startup_s, seed=args.seed,
             lr=args.lr, momentum=args.momentum, complete_epoch=steps == spe))
         if log:
@@ -429,9 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_args(p)
     g = p.add_argument_group("HOGWILD")
-    g.add_argument("--workers", type=int, default=2, help="worker processes")
+    g.add_argument("--workers", type=int, nargs="+", default=[2],
+                   help="worker processes; several values run one after another")
     g.add_argument("--lock", action="store_true",
                    help="control variant: serialise the updates with one lock")
+    g.add_argument("--also-lock", action="store_true",
+                   help="run the locked variant too, for every worker count above 1")
+    g.add_argument("--sequential", action="store_true",
+                   help="also train sequentially in this process (cnn.train.fit), first")
     g.add_argument("--start-method", default="spawn", choices=["spawn", "forkserver"],
                    help="how workers start (fork is refused: unsafe with Numba/BLAS pools)")
     g.add_argument("--startup-timeout", type=float, default=300.0,
@@ -452,18 +468,76 @@ def parse_args(argv: list[str] | None = None, **overrides: Any) -> argparse.Name
     return args
 
 
+def sequential_baseline(args: argparse.Namespace, train, test, *,
+                        log: Any = None) -> pd.DataFrame:
+    """``cnn.train.fit`` with the same args: the accuracy and speed HOGWILD is judged by."""
+    from cnn.train import fit
+
+    x, y = train
+    if args.threads is None:
+        args = argparse.Namespace(**{**vars(args), "threads": 1})
+    ncls = int(max(y.max(), test[1].max() if test is not None else 0)) + 1
+    net = build_network(args, x.shape[1:], ncls)
+    opt, sched = make_training(net, args, math.ceil(len(y) / args.batch_size))
+    return fit(net, train, test, epochs=args.epochs, batch_size=args.batch_size, optimizer=opt,
+               schedule=sched, seed=args.seed, max_steps=args.max_steps, progress=False,
+               log=log, experiment=args.experiment, strategy="sequential", processes=1,
+               model=args.model, dataset=args.dataset, workers=1, lock=False,
+               momentum=args.momentum)
+
+
+def compare(args: argparse.Namespace, train=None, test=None, *, workers=(1, 2),
+            also_lock: bool = False, sequential: bool = True, log: Any = print) -> pd.DataFrame:
+    """Sequential (optional), then HOGWILD with each worker count (and locked, if asked)."""
+    if train is None:
+        train, test0 = load_data(args)
+        test = test if test is not None else test0
+    frames = []
+    if sequential:
+        if log:
+            log("sequential (cnn.train.fit, this process)")
+        frames.append(sequential_baseline(args, train, test, log=log))
+    for w in workers:
+        for lock in ([args.lock, True] if also_lock and not args.lock and w > 1
+                     else [args.lock]):
+            a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock})
+            frames.append(run_hogwild(a, train, test, log=log))
+    return to_frame(pd.concat(frames, ignore_index=True))
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per run: throughput, speedup vs 1 lock-free worker, final accuracy and its gap
+    to sequential training at equal epochs, staleness and collisions."""
+    rows = []
+    for (strategy, workers), g in df.groupby(["strategy", "processes"], sort=False):
+        last = g.iloc[-1]
+        rows.append({"strategy": strategy, "workers": int(workers),
+                     "epochs": int(last["epochs"]), "wall_s": float(last["wall_s"]),
+                     "samples_per_s": float(last["samples"] / last["wall_s"]),
+                     "test_acc": float(last["test_acc"]),
+                     "staleness_mean": float(g.get("staleness_mean", pd.Series([0.0])).mean()),
+                     "overlap_frac": float(g.get("overlap_frac", pd.Series([0.0])).mean()),
+                     "lock_wait_s": float(g.get("lock_wait_s", pd.Series([0.0])).sum())})
+    out = pd.DataFrame(rows)
+    one = out.loc[(out["strategy"] == "hogwild") & (out["workers"] == 1), "samples_per_s"]
+    out["speedup_vs_1_worker"] = out["samples_per_s"] / one.iloc[0] if len(one) else math.nan
+    seq = out.loc[out["strategy"] == "sequential", "test_acc"]
+    out["acc_minus_sequential"] = out["test_acc"] - seq.iloc[0] if len(seq) else math.nan
+    for col in ("staleness_mean", "overlap_frac", "lock_wait_s"):
+        out.loc[out["strategy"] == "sequential", col] = math.nan
+    return out
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
-    df = run_hogwild(args, log=None if args.no_progress else print)
+    log = None if args.no_progress else print
+    df = compare(args, workers=args.workers, also_lock=args.also_lock,
+                 sequential=args.sequential, log=log)
     if args.save_metrics:
         save_results(df, args.save_metrics)
-    if len(df):
-        r = df.iloc[-1]
-        print(f"test accuracy: {r['test_acc']:.4f}  (loss {r['test_loss']:.4f}); "
-              f"{df['samples'].iloc[-1] / df['wall_s'].iloc[-1]:.0f} samples/s over "
-              f"{r['wall_s']:.1f} s with {r['workers']} worker(s); staleness mean "
-              f"{df['staleness_mean'].mean():.2f}, overlapping updates "
-              f"{df['overlap_frac'].mean():.1%}")
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4g}".format):
+        print(summary(df).to_string(index=False))
     return df
 
 
