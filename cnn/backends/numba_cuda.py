@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -39,6 +40,10 @@ DESCRIPTION = ("Numba CUDA: shared-memory tiled implicit-GEMM convolution and GE
                "layers, weights and optimiser state resident on the GPU")
 
 SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+# Small layers, the loss and small batches launch grids of a few blocks by nature; Numba's
+# low-occupancy warning would repeat for them on every new shape.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-")
 
 
 def check_available() -> None:
