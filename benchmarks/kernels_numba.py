@@ -1,0 +1,95 @@
+"""Scratch micro-benchmark for the numba backend (issue 3): full training steps, side by side.
+
+    python benchmarks/kernels_numba.py [--batch 128] [--rounds 5] [--reps 10] [--only numba1,torch1]
+
+Runs numba (1 and 2 threads), torch (1 and 2 threads, same net via cnn.twin.torch_twin)
+and the numpy reference on the seed CNN, CIFAR shape, one training step = loss_and_grad
++ SGD-momentum update. Variants are interleaved round-robin in one process (the machine
+is shared, so timings drift); each round times ``reps`` steps per variant after warm-up
+(JIT compile excluded). Reports the median over all steps of wall time and of process
+CPU time (CPU time is immune to being descheduled; at 1 thread it is the kernel cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--shape", default="3,32,32")
+    args = ap.parse_args()
+
+    import numba
+    import torch
+
+    from cnn.models import seed_cnn
+    from cnn.twin import torch_twin
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    n = args.batch
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+
+    nb = seed_cnn(shape, backend="numba")
+    vel = np.zeros_like(nb.params)
+    npn = seed_cnn(shape, backend="numpy")
+    npvel = np.zeros_like(npn.params)
+    model = torch_twin(nb)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def numba_step(t):
+        def f():
+            numba.set_num_threads(t)
+            nb.loss_and_grad(x, y)
+            nb.backend.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
+        return f
+
+    def torch_step(t):
+        def f():
+            torch.set_num_threads(t)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xt), yt)
+            loss.backward()
+            opt.step()
+        return f
+
+    def numpy_step():
+        npn.loss_and_grad(x, y)
+        npn.backend.sgd_update(npn.params, npn.grads, npvel, 0.01, 0.9, 0.0, 0.0, False, False)
+
+    variants = {"numba1": numba_step(1), "numba2": numba_step(2), "torch1": torch_step(1),
+                "torch2": torch_step(2), "numpy": numpy_step}
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for f in variants.values():  # warm-up: JIT compile, caches, allocator
+        for _ in range(3):
+            f()
+    for _ in range(args.rounds):
+        for k, f in variants.items():
+            f()
+            for _ in range(args.reps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    print(f"batch {n}, shape {shape}, {args.rounds}x{args.reps} steps per variant")
+    for k in variants:
+        w = np.median(wall[k]) * 1e3
+        print(f"  {k:7s} wall {w:7.1f} ms ({n / w * 1e3:6.0f} img/s)  min {min(wall[k]) * 1e3:6.1f}"
+              f"  cpu {np.median(cpu[k]) * 1e3:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

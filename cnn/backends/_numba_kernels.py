@@ -1,0 +1,559 @@
+"""The jitted kernels behind ``cnn.backends.numba_cpu`` (no argument checking here).
+
+Every function is ``@njit(nogil=True, cache=True)``; the ones that spread work over
+threads are also ``parallel=True`` and split it with ``prange`` over a *fixed*
+partition: either output elements (no reduction, so the thread count cannot change
+a bit), or, for weight gradients, a fixed number of batch chunks whose partial sums
+are added in chunk order. Results therefore never depend on thread scheduling.
+
+Matrix products call BLAS (scipy's ``cython_blas`` sgemm/dgemm) through Numba's own
+``numba_xxgemm`` helper, referenced by symbol name so the on-disk cache stays valid
+across processes (a ctypes pointer would be a "dynamic global" and forbid caching).
+The caller pins BLAS to one thread, so BLAS never oversubscribes the prange threads.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from numba import njit, prange, types
+from numba.core.errors import NumbaWarning
+
+# --- cache: decide once whether on-disk caching can work here ------------------------
+
+CACHE_ERROR: str | None = None
+
+
+def _probe_cache() -> bool:
+    """``njit(cache=True)`` raises at decoration when no cache locator is usable."""
+    global CACHE_ERROR
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaWarning)
+            njit(cache=True)(lambda: 0)  # decoration only: nothing is compiled
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        CACHE_ERROR = str(exc)
+        return False
+    return True
+
+
+_CACHE = _probe_cache()
+
+
+def _jit(parallel: bool = False):
+    return njit(nogil=True, cache=_CACHE, parallel=parallel, error_model="numpy")
+
+
+# --- BLAS ----------------------------------------------------------------------------
+
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char,          # kind, transa, transb
+    types.intp, types.intp, types.intp,          # m, n, k
+    types.voidptr, types.voidptr, types.intp,    # alpha, a, lda
+    types.voidptr, types.intp, types.voidptr,    # b, ldb, beta
+    types.voidptr, types.intp,                   # c, ldc
+))
+
+N_ = 110  # ord('n')
+T_ = 116  # ord('t')
+
+
+@_jit()
+def gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Row-major ``c[m, n] = alpha * op(a)[m, k] @ op(b)[k, n] + beta * c``.
+
+    ``a``, ``b``, ``c`` are arrays whose first element is the matrix's first element
+    and whose rows are ``lda``/``ldb``/``ldc`` elements apart (unit stride in a row).
+    ``ta``/``tb`` are ``N_`` or ``T_``. Row-major is column-major transposed, so this
+    is BLAS's ``c^T = op(b)^T @ op(a)^T``.
+    """
+    if m == 0 or n == 0:
+        return
+    sc = np.empty(2, c.dtype)
+    sc[0] = alpha
+    sc[1] = beta
+    kind = 115 if c.itemsize == 4 else 100  # 's' / 'd'
+    _xxgemm(np.int8(kind), np.int8(tb), np.int8(ta), n, m, k, sc[0:].ctypes, b.ctypes,
+            max(ldb, 1), a.ctypes, max(lda, 1), sc[1:].ctypes, c.ctypes, max(ldc, 1))
+
+
+# --- convolution ---------------------------------------------------------------------
+
+@_jit()
+def _out_range(kj, s, p, w, ow_n):
+    """``[lo, hi)`` of output columns whose input column ``ow*s + kj - p`` lies in ``[0, w)``."""
+    d = p - kj
+    lo = (d + s - 1) // s if d > 0 else 0
+    e = w - 1 - kj + p
+    hi = min(ow_n, e // s + 1) if e >= 0 else 0
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+@_jit()
+def im2col(xn, k, s, p, oh_n, ow_n, cols):
+    """cols[(c*k + ki)*k + kj, oh*OW + ow] = x[c, oh*s + ki - p, ow*s + kj - p] (0 outside)."""
+    cin, h, w = xn.shape
+    zero = cols.dtype.type(0)
+    for c in range(cin):
+        for ki in range(k):
+            for kj in range(k):
+                row = cols[(c * k + ki) * k + kj]
+                lo, hi = _out_range(kj, s, p, w, ow_n)
+                off = kj - p
+                for oh in range(oh_n):
+                    ih = oh * s + ki - p
+                    # views indexed by plain loop counters vectorise (no index wraparound)
+                    dst = row[oh * ow_n:]
+                    if ih < 0 or ih >= h:
+                        for ow in range(ow_n):
+                            dst[ow] = zero
+                    else:
+                        for ow in range(lo):
+                            dst[ow] = zero
+                        if hi > lo:
+                            seg = dst[lo:]
+                            src = xn[c, ih, lo * s + off:]
+                            if s == 1:
+                                for j in range(hi - lo):
+                                    seg[j] = src[j]
+                            else:
+                                for j in range(hi - lo):
+                                    seg[j] = src[j * s]
+                        for ow in range(hi, ow_n):
+                            dst[ow] = zero
+
+
+@_jit()
+def col2im(dcols, k, s, p, oh_n, ow_n, dxn):
+    """The adjoint of ``im2col``: dx[c, ih, iw] += dcols[...] (dxn zeroed here first)."""
+    cin, h, w = dxn.shape
+    dxn[...] = 0
+    for c in range(cin):
+        for ki in range(k):
+            for kj in range(k):
+                row = dcols[(c * k + ki) * k + kj]
+                lo, hi = _out_range(kj, s, p, w, ow_n)
+                off = kj - p
+                for oh in range(oh_n):
+                    ih = oh * s + ki - p
+                    if ih < 0 or ih >= h or hi <= lo:
+                        continue
+                    dst = dxn[c, ih, lo * s + off:]
+                    src = row[oh * ow_n + lo:]
+                    if s == 1:
+                        for j in range(hi - lo):
+                            dst[j] += src[j]
+                    else:
+                        for j in range(hi - lo):
+                            dst[j * s] += src[j]
+
+
+@_jit()
+def shift_cols(xn, k, p, oh_n, wp, xpad, cols):
+    """Stride-1 im2col on the *padded width*: cols[(c*k+ki)*k+kj, i] = xpad[c, ki*wp+kj+i]
+    for i < OH*Wp. Each row is one contiguous copy (fast); the columns with
+    ``i % wp >= OW`` are garbage the caller ignores (they cost (k-1)/Wp extra GEMM work)."""
+    cin, h, w = xn.shape
+    plane = (h + 2 * p) * wp
+    ln = oh_n * wp
+    if p > 0:
+        for c in range(cin):
+            xc = xpad[c]
+            for i in range(p * wp + p):
+                xc[i] = 0
+            for ih in range(h):
+                dst = xc[(ih + p) * wp + p:]
+                src = xn[c, ih]
+                for iw in range(w):
+                    dst[iw] = src[iw]
+                for iw in range(w, w + 2 * p):
+                    dst[iw] = 0
+            for i in range((h + p) * wp + p, plane):
+                xc[i] = 0
+        planes = xpad
+    else:
+        planes = xn.reshape(cin, h * w)
+    for c in range(cin):
+        sc = planes[c]
+        for ki in range(k):
+            for kj in range(k):
+                sh = ki * wp + kj
+                cr = cols[(c * k + ki) * k + kj]
+                m = min(ln, plane - sh)
+                src = sc[sh:]
+                for i in range(m):
+                    cr[i] = src[i]
+                for i in range(m, ln):
+                    cr[i] = 0
+
+
+@_jit()
+def shift_col2im(dcols, k, p, oh_n, wp, dxpad, dxn):
+    """The adjoint of ``shift_cols`` (garbage columns of dcols must be 0): dx = crop(sum of
+    the k*k shifted rows). dxn is overwritten."""
+    cin, h, w = dxn.shape
+    plane = (h + 2 * p) * wp
+    ln = oh_n * wp
+    acc = dxpad if p > 0 else dxn.reshape(cin, h * w)
+    for c in range(cin):
+        dc = acc[c]
+        for i in range(plane):
+            dc[i] = 0
+        for ki in range(k):
+            for kj in range(k):
+                sh = ki * wp + kj
+                cr = dcols[(c * k + ki) * k + kj]
+                m = min(ln, plane - sh)
+                dst = dc[sh:]
+                for i in range(m):
+                    dst[i] += cr[i]
+    if p > 0:
+        for c in range(cin):
+            for ih in range(h):
+                src = dxpad[c, (ih + p) * wp + p:]
+                dst = dxn[c, ih]
+                for iw in range(w):
+                    dst[iw] = src[iw]
+
+
+@_jit()
+def _fill(a, v):
+    for i in range(a.size):
+        a[i] = v
+
+
+@_jit()
+def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, xp, yp):
+    """y = [W | b] @ [cols; 1]: the bias rides in the GEMM on a row of ones."""
+    o = wb.shape[0]
+    ckk1 = wb.shape[1]
+    if s == 1:
+        wp = xn.shape[2] + 2 * p
+        ln = oh_n * wp
+        shift_cols(xn, k, p, oh_n, wp, xp, ct)
+        gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yp, ln)
+        for oc in range(o):  # drop the garbage columns
+            for oh in range(oh_n):
+                src = yp[oc, oh * wp:]
+                dst = yn[oc, oh * ow_n:]
+                for ow in range(ow_n):
+                    dst[ow] = src[ow]
+    else:
+        ln = oh_n * ow_n
+        im2col(xn, k, s, p, oh_n, ow_n, ct)
+        gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yn, ln)
+
+
+@_jit(parallel=True)
+def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols, xpad, ypad):
+    """y[n] (O x L) = [W | b] (O x CKK+1) @ [cols(x[n]); 1], one image at a time per worker.
+
+    Stride 1 uses ``shift_cols`` and compacts the GEMM's padded-width rows into y;
+    other strides use the plain ``im2col`` and GEMM straight into y."""
+    n_img = x.shape[0]
+    workers = cols.shape[0]
+    ckk = wb.shape[1] - 1
+    for t in prange(workers):
+        _fill(cols[t, ckk], 1.0)
+        for n in range(t * n_img // workers, (t + 1) * n_img // workers):
+            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t])
+
+
+@_jit()
+def _conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct, xp,
+                    dt):
+    """One image's share: dwc ((CKK+1) x O) += [cols; 1] @ dy^T (the last row is db),
+    dxn = col2im(W^T @ dy) if need_dx."""
+    o = w2.shape[0]
+    ckk = w2.shape[1]
+    if s == 1:
+        wp = xn.shape[2] + 2 * p
+        ln = oh_n * wp
+        for oc in range(o):  # dy on the padded width; the garbage columns stay 0
+            for oh in range(oh_n):
+                src = dyn[oc, oh * ow_n:]
+                dst = dt[oc, oh * wp:]
+                for ow in range(ow_n):
+                    dst[ow] = src[ow]
+        shift_cols(xn, k, p, oh_n, wp, xp, ct)
+        src = dt
+    else:
+        ln = oh_n * ow_n
+        im2col(xn, k, s, p, oh_n, ow_n, ct)
+        src = dyn
+    gemm(N_, T_, ckk + 1, o, ln, 1.0, ct, ln, src, ln, 0.0 if first else 1.0, dwc, o)
+    if need_dx:
+        gemm(T_, N_, ckk, ln, o, 1.0, w2, ckk, src, ln, 0.0, dct, ln)
+        if s == 1:
+            shift_col2im(dct, k, p, oh_n, xn.shape[2] + 2 * p, xp, dxn)
+        else:
+            col2im(dct, k, s, p, oh_n, ow_n, dxn)
+
+
+@_jit()
+def _zero2(a):
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            a[i, j] = 0
+
+
+@_jit(parallel=True)
+def conv2d_backward(x, dy, w2, k, s, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, need_dx, dx,
+                    cols, dcols, xpad, dyp):
+    """Per fixed batch chunk c: dwp[c] = sum_n [cols[n]; 1] @ dy[n]^T ((CKK+1) x O, the
+    last row is db); dx[n] = col2im(W^T @ dy[n]). Workers own whole chunks; im2col is
+    recomputed here (cheaper than keeping the batch's columns from the forward pass)."""
+    workers = cols.shape[0]
+    ckk = w2.shape[1]
+    for t in prange(workers):
+        _fill(cols[t, ckk], 1.0)
+        if s == 1:
+            _zero2(dyp[t])
+        for c in range(worker_lo[t], worker_lo[t + 1]):
+            for n in range(chunk_lo[c], chunk_lo[c + 1]):
+                _conv_bwd_image(x[n], dy[n], w2, k, s, p, oh_n, ow_n, n == chunk_lo[c],
+                                dwp[c], need_dx, dx[n if need_dx else 0], cols[t],
+                                dcols[t], xpad[t], dyp[t])
+
+
+@_jit(parallel=True)
+def reduce_chunks_t(parts, dw, db):
+    """dw[o, r] = sum_c parts[c, r, o], db[o] = sum_c parts[c, CKK, o], in chunk order."""
+    for oc in prange(dw.shape[0]):
+        _reduce_t_row(parts, dw, db, oc)
+
+
+@_jit()
+def _reduce_t_row(parts, dw, db, oc):
+    ckk = dw.shape[1]
+    for r in range(ckk + 1):
+        acc = 0.0
+        for c in range(parts.shape[0]):
+            acc += parts[c, r, oc]
+        if r < ckk:
+            dw[oc, r] = acc
+        else:
+            db[oc] = acc
+
+
+# --- pooling -------------------------------------------------------------------------
+
+@_jit()
+def _pool_row22(r0, r1, yr, ar, ow_n):
+    """2x2 stride-2 windows along one output row; the first maximum wins, a NaN wins."""
+    for ow in range(ow_n):
+        best = r0[2 * ow]
+        off = 0
+        v = r0[2 * ow + 1]
+        if v > best or v != v:
+            best = v
+            off = 1
+        v = r1[2 * ow]
+        if v > best or v != v:
+            best = v
+            off = 2
+        v = r1[2 * ow + 1]
+        if v > best or v != v:
+            best = v
+            off = 3
+        yr[ow] = best
+        ar[ow] = off
+
+
+@_jit()
+def _pool_row(xp, oh, k, s, yr, ar, ow_n):
+    """Any k, s: window offsets outside, a vectorisable pass over the output row inside."""
+    r = xp[oh * s]
+    for ow in range(ow_n):
+        yr[ow] = r[ow * s]
+        ar[ow] = 0
+    for ki in range(k):
+        r = xp[oh * s + ki]
+        for kj in range(k):
+            if ki == 0 and kj == 0:
+                continue
+            off = ki * k + kj
+            for ow in range(ow_n):
+                v = r[ow * s + kj]
+                if v > yr[ow] or v != v:
+                    yr[ow] = v
+                    ar[ow] = off
+
+
+@_jit(parallel=True)
+def maxpool2d_forward(x, k, s, y, arg):
+    """Max over each k x k window and the offset ki*k + kj of the maximum: the first one
+    (torch's tie rule); a NaN propagates, as in torch. One (image, channel) plane per task."""
+    n_img, cin = x.shape[0], x.shape[1]
+    oh_n, ow_n = y.shape[2], y.shape[3]
+    for pc in prange(n_img * cin):
+        n = pc // cin
+        c = pc - n * cin
+        xp = x[n, c]
+        yp = y[n, c]
+        ap = arg[n, c]
+        if k == 2 and s == 2:
+            for oh in range(oh_n):
+                _pool_row22(xp[2 * oh], xp[2 * oh + 1], yp[oh], ap[oh], ow_n)
+        else:
+            for oh in range(oh_n):
+                _pool_row(xp, oh, k, s, yp[oh], ap[oh], ow_n)
+
+
+@_jit()
+def _unpool_plane(dyp, ap, k, s, dxp):
+    dxp[...] = 0
+    oh_n, ow_n = dyp.shape
+    for oh in range(oh_n):
+        for ow in range(ow_n):
+            off = ap[oh, ow]
+            ki = off // k
+            kj = off - ki * k
+            dxp[oh * s + ki, ow * s + kj] += dyp[oh, ow]
+
+
+@_jit(parallel=True)
+def maxpool2d_backward(dy, arg, k, s, dx):
+    n_img, cin = dy.shape[0], dy.shape[1]
+    for pc in prange(n_img * cin):
+        n = pc // cin
+        c = pc - n * cin
+        _unpool_plane(dy[n, c], arg[n, c], k, s, dx[n, c])
+
+
+# --- elementwise (flat views; no reductions, so any split is deterministic) ----------
+
+@_jit(parallel=True)
+def relu_forward(x, y):
+    zero = x.dtype.type(0)
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = v if not v <= zero else zero  # a NaN propagates, as in numpy and torch
+
+
+@_jit(parallel=True)
+def relu_backward(dy, y, dx):
+    zero = dy.dtype.type(0)
+    for i in prange(dy.size):
+        dx[i] = dy[i] if y[i] > zero else zero
+
+
+@_jit(parallel=True)
+def sigmoid_forward(x, y):
+    for i in prange(x.size):
+        v = x[i]
+        if v >= 0:
+            y[i] = 1 / (1 + math.exp(-v))
+        else:
+            e = math.exp(v)
+            y[i] = e / (1 + e)
+
+
+@_jit(parallel=True)
+def sigmoid_backward(dy, y, dx):
+    for i in prange(dy.size):
+        yi = y[i]
+        dx[i] = dy[i] * yi * (1 - yi)
+
+
+# --- dense ---------------------------------------------------------------------------
+
+@_jit(parallel=True)
+def dense_forward(x, w, b, y, col_lo):
+    """y[:, j0:j1] = x @ W[j0:j1]^T + b[j0:j1]; blocks of output features in parallel."""
+    n_img, nin = x.shape
+    nout = w.shape[0]
+    for bi in prange(col_lo.size - 1):
+        j0 = col_lo[bi]
+        j1 = col_lo[bi + 1]
+        for i in range(n_img):
+            for j in range(j0, j1):
+                y[i, j] = b[j]
+        if j1 > j0:
+            gemm(N_, T_, n_img, j1 - j0, nin, 1.0, x, nin, w[j0:], nin, 1.0, y[:, j0:], nout)
+
+
+@_jit(parallel=True)
+def dense_backward(dy, x, w, dw, db, need_dx, dx, row_lo, col_lo):
+    """dW[j0:j1] = dy[:, j0:j1]^T @ x, db = column sums of dy (batch order),
+    dx[:, i0:i1] = dy @ W[:, i0:i1]; each in parallel blocks, no reductions across them."""
+    n_img, nin = x.shape
+    nout = w.shape[0]
+    for bi in prange(row_lo.size - 1):
+        j0 = row_lo[bi]
+        j1 = row_lo[bi + 1]
+        if j1 > j0:
+            gemm(T_, N_, j1 - j0, nin, n_img, 1.0, dy[:, j0:], nout, x, nin, 0.0, dw[j0:], nin)
+        for j in range(j0, j1):
+            acc = 0.0
+            for i in range(n_img):
+                acc += dy[i, j]
+            db[j] = acc
+    if need_dx:
+        for bi in prange(col_lo.size - 1):
+            i0 = col_lo[bi]
+            i1 = col_lo[bi + 1]
+            if i1 > i0:
+                gemm(N_, N_, n_img, i1 - i0, nout, 1.0, dy, nout, w[:, i0:], nin, 0.0,
+                     dx[:, i0:], nin)
+
+
+# --- loss ----------------------------------------------------------------------------
+
+@_jit()
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean cross-entropy (float64 log-sum-exp per row) and its gradient into ``grad``."""
+    n, kk = logits.shape
+    total = 0.0
+    for i in range(n):
+        mx = logits[i, 0]
+        for j in range(1, kk):
+            if logits[i, j] > mx:
+                mx = logits[i, j]
+        se = 0.0
+        for j in range(kk):
+            se += math.exp(float(logits[i, j]) - mx)
+        lse = math.log(se)
+        total -= float(logits[i, labels[i]]) - mx - lse
+        for j in range(kk):
+            grad[i, j] = math.exp(float(logits[i, j]) - mx - lse) / n
+        grad[i, labels[i]] -= 1.0 / n
+    return total / n
+
+
+# --- optimiser updates (torch.optim semantics, flat buffers) ---------------------------
+
+@_jit(parallel=True)
+def sgd_update(params, grads, velocity, lr, momentum, dampening, weight_decay, nesterov,
+               first_step):
+    for i in prange(params.size):
+        d = float(grads[i])
+        if weight_decay != 0.0:
+            d += weight_decay * float(params[i])
+        if momentum != 0.0:
+            v = d if first_step else momentum * float(velocity[i]) + (1.0 - dampening) * d
+            velocity[i] = v
+            v = float(velocity[i])  # what is stored is what the next step sees
+            d = d + momentum * v if nesterov else v
+        params[i] = params[i] - lr * d
+
+
+@_jit(parallel=True)
+def adam_update(params, grads, m_buf, v_buf, lr_bc1, beta1, beta2, eps, weight_decay,
+                sqrt_bc2):
+    for i in prange(params.size):
+        g = float(grads[i])
+        if weight_decay != 0.0:
+            g += weight_decay * float(params[i])
+        mi = beta1 * float(m_buf[i]) + (1.0 - beta1) * g
+        vi = beta2 * float(v_buf[i]) + (1.0 - beta2) * g * g
+        m_buf[i] = mi
+        v_buf[i] = vi
+        mi = float(m_buf[i])
+        vi = float(v_buf[i])
+        denom = math.sqrt(vi) / sqrt_bc2 + eps
+        params[i] = params[i] - lr_bc1 * (mi / denom)
