@@ -76,12 +76,18 @@ def _train_data(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def warm_up(cfg: dict[str, Any]) -> int:
-    """Import the training code, load the data and build the network once (untimed)."""
-    from cnn.train import build_network
+    """Import the training code, load the data and take one scratch step (untimed): the
+    dataset load, JIT compilation (Numba) and first-call costs are paid here."""
+    from cnn.train import build_network, make_training
 
     x, y = _train_data(cfg)
     ns = argparse.Namespace(**cfg)
-    build_network(ns, x.shape[1:], int(y.max()) + 1).loss_and_grad(x[:2], y[:2])
+    net = build_network(ns, x.shape[1:], cfg["_num_classes"])
+    opt, _ = make_training(net, ns, 1)
+    b = min(ns.batch_size, len(y))
+    net.loss_and_grad(x[:b], y[:b])
+    opt.step(lr=0.0)
+    net.evaluate(x[:b], y[:b])
     return os.getpid()
 
 
