@@ -140,6 +140,13 @@ def _engine_run(argv: list[str]) -> Any:
     return df if comm.Get_rank() == 0 else None
 
 
+def _engine_sequential(argv: list[str]) -> Any:
+    """``python -m cnn.train argv`` inside an engine; its frame."""
+    from cnn.train import main
+
+    return main(list(argv))
+
+
 def _engine_pull(name: str) -> Any:
     import __main__
 
@@ -162,7 +169,7 @@ class MPICluster:
                  env: Mapping[str, str] | None = None, threads: int | None = None,
                  start_timeout: float = 120.0, stop_timeout: float = 30.0,
                  profile_dir: str | None = None, config: Mapping[str, Any] | None = None,
-                 log_level: int = logging.WARNING):
+                 log_level: int = logging.ERROR):
         if n < 1:
             raise ValueError(f"need at least one engine, got n={n}")
         self.n = int(n)
@@ -296,6 +303,11 @@ class MPICluster:
                     f"\n--- engine output ---\n{_tail(self.output())}")
             time.sleep(0.2)
 
+    def _wait_engines_exit(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout and not self._engines_stopped():
+            time.sleep(0.1)
+
     def output(self) -> str:
         """What the engines' launcher (``mpiexec`` and every rank) wrote so far."""
         es = self._engine_set()
@@ -309,6 +321,10 @@ class MPICluster:
     def stop(self) -> None:
         """Stop engines and controller (bounded), close the client, remove our profile."""
         if self.client is not None:
+            with contextlib.suppress(Exception):  # engines exit 0 instead of being TERM'd
+                if self.view is not None and not self._engines_stopped():
+                    self.client.shutdown(targets="all", hub=False, block=False)
+                    self._wait_engines_exit(min(10.0, self.stop_timeout))
             with contextlib.suppress(Exception):
                 self.client.close()
         if self.cluster is not None:
@@ -403,6 +419,19 @@ class MPICluster:
                               f"--- engine output ---\n{_tail(out)}") from None
         return results[0]  # the view is in rank order: rank 0 first
 
+    def apply(self, fn: Callable[..., Any], *args: Any, timeout: float = 600.0) -> list[Any]:
+        """``fn(*args)`` on every engine at once (a collective function is fine); the
+        results in rank order. Raises :class:`RankFailure` with the output if a rank dies."""
+        if self.view is None:
+            raise RuntimeError("cluster not started: use start() or a with-block")
+        ar = self.view.apply_async(fn, *args)
+        if not ar.wait(timeout):
+            out = self.output()
+            self.stop()
+            raise RankFailure(f"{getattr(fn, '__name__', fn)} gave no result in {timeout:.0f}s"
+                              f"\n--- engine output ---\n{_tail(out)}")
+        return ar.get(timeout=self.stop_timeout)
+
     def pull_rank0(self, name: str, timeout: float = 60.0) -> Any:
         """A global variable of rank 0's engine (after a ``%%px`` cell)."""
         rank0 = min(self.ranks, key=self.ranks.get)
@@ -466,18 +495,53 @@ class Runner:
         return {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": str(threads)}
 
     def sequential(self, argv: Sequence[str], threads: int = 1) -> pd.DataFrame:
-        return run_sequential(argv, self.run_timeout, self._env(threads))
+        """``python -m cnn.train argv``: a fresh process, or (ipyparallel) ``cnn.train.main``
+        on a 1-engine cluster, so the baseline runs where the P = 1 runs do."""
+        if self.via == "mpiexec":
+            return run_sequential(argv, self.run_timeout, self._env(threads))
+        return self.call(_engine_sequential, [*argv, "--no-progress"], threads=threads)
+
+    def call(self, fn: Callable[..., Any], *args: Any, threads: int = 1) -> Any:
+        """``fn(*args)`` in this process (mpiexec runner) or on a 1-engine cluster."""
+        if self.via == "mpiexec":
+            return fn(*args)
+        self._ensure(1, threads)
+        assert self._cluster is not None
+        return self._cluster.apply(fn, *args, timeout=self.run_timeout)[0]
 
     def mpi(self, n: int, argv: Sequence[str], threads: int = 1) -> pd.DataFrame:
         if self.via == "mpiexec":
             return run_mpiexec(n, argv, self.run_timeout, self.mpi_args, self._env(threads))
+        self._ensure(n, threads)
+        assert self._cluster is not None
+        return self._cluster.run([*argv, "--no-progress"], timeout=self.run_timeout)
+
+    def comm_measure(self, n: int, sizes: Sequence[int] | None = None,
+                     repeats: int = 50) -> pd.DataFrame:
+        """Ping-pong and Allreduce times on ``n`` ranks (:mod:`cnn.parallel.costmodel`)."""
+        from cnn.parallel import costmodel
+
+        sizes = list(sizes or costmodel.DEFAULT_SIZES)
+        if self.via == "mpiexec":
+            with tempfile.TemporaryDirectory() as d:
+                out = Path(d) / "c.pkl"
+                cmd = [find_mpiexec(), "-n", str(n), *self.mpi_args, sys.executable, "-m",
+                       "cnn.parallel.costmodel", "--sizes", ",".join(map(str, sizes)),
+                       "--repeats", str(repeats), "--save", str(out)]
+                return _run_cli(cmd, out, self.run_timeout, self._env(1),
+                                "cnn.parallel.costmodel")
+        self._ensure(n, 1)
+        assert self._cluster is not None
+        return self._cluster.apply(costmodel.measure, None, sizes, repeats,
+                                   timeout=self.run_timeout)[0]
+
+    def _ensure(self, n: int, threads: int) -> None:
         if self._key != (n, threads) or self._cluster is None or self._cluster.view is None:
             self.close()
             self._cluster = MPICluster(n, mpi_args=self.mpi_args, env=self._env(threads),
                                        start_timeout=self.start_timeout).start()
             self._cluster.push_code()
             self._key = (n, threads)
-        return self._cluster.run([*argv, "--no-progress"], timeout=self.run_timeout)
 
     def close(self) -> None:
         if self._cluster is not None:
@@ -620,8 +684,12 @@ def run_plan(plan: Sequence[Mapping[str, Any]], runner: Runner,
     """Run every item of a plan; one frame of all their rows with ``mode`` added."""
     from cnn.results import to_frame
 
-    frames = []
-    for i, item in enumerate(plan, 1):
+    # same (P, T) back to back: an ipyparallel runner then starts each cluster once
+    order = sorted(range(len(plan)), key=lambda k: (max(plan[k]["processes"], 1),
+                                                     plan[k]["threads"], plan[k]["processes"]))
+    frames: list[pd.DataFrame] = [pd.DataFrame()] * len(plan)
+    for i, k in enumerate(order, 1):
+        item = plan[k]
         t0 = time.monotonic()
         if item["processes"] == 0:
             df = runner.sequential(item["argv"], threads=item["threads"])
@@ -630,7 +698,7 @@ def run_plan(plan: Sequence[Mapping[str, Any]], runner: Runner,
             df = runner.mpi(item["processes"], item["argv"], threads=item["threads"])
         df["mode"] = item["mode"]
         df["argv"] = " ".join(item["argv"])
-        frames.append(df)
+        frames[k] = df
         if log:
             last = df.iloc[-1]
             log(f"[{i}/{len(plan)}] {item['mode']:<8} {item['strategy']:<19} "
