@@ -43,6 +43,9 @@ STRATEGY_COLORS: dict[str, str] = {
     "model-average": "#CC79A7",
     "hybrid": "#882255",
     "hogwild": "#56B4E9",
+    "hogwild-locked": "#332288",
+    "allreduce-overlap": "#AA4499",
+    "async-param-server": "#44AA99",
     "kfold": "#117733",
 }
 #: Marker per host (in order of appearance), so the same strategy on two machines differs.
@@ -164,7 +167,7 @@ def machines_footer(df: pd.DataFrame) -> str:
             continue
         cpu = next((c for c in grp.get("cpu", []) if isinstance(c, str) and c), None)
         gpu = next((g for g in grp.get("gpu", []) if isinstance(g, str) and g), None)
-        devices = sorted({_text(d) for d in grp.get("device", [])})
+        devices = sorted({_text(d) for d in grp.get("device", [])} - {"?"})
         line = f"{host}: {cpu or 'CPU unknown'}"
         if gpu:
             line += f"; GPU {gpu}"
@@ -174,13 +177,15 @@ def machines_footer(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _footer(fig: Any, df: pd.DataFrame, note: str | None = None) -> None:
+def _footer(fig: Any, df: pd.DataFrame, note: str | None = None, top: bool = False) -> None:
+    """The machines of ``df`` under the figure (``top=True``: above it, when a legend
+    sits under the axes)."""
     text = machines_footer(df)
     if note:
         text = f"{note}\n{text}" if text else note
     if text:
-        fig.text(0.0, -0.01, text, ha="left", va="top", fontsize=7, color="#444444",
-                 transform=fig.transFigure)
+        fig.text(0.0, 1.0 if top else -0.01, text, ha="left", va="bottom" if top else "top",
+                 fontsize=7, color="#444444", transform=fig.transFigure)
 
 
 def _num(df: pd.DataFrame, col: str) -> pd.Series:
@@ -262,15 +267,15 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
                        baseline_strategy: str = "sequential",
                        by: Sequence[str] | None = None, x: str = "workers",
                        strategies: Iterable[str] | None = None, title: str | None = None,
-                       log2: bool | None = None) -> Any:
+                       log2: bool | None = None, by_batch: bool = False) -> Any:
     """Speedup and efficiency against the same-host baseline, with the ideal line.
 
     If ``df`` has no ``speedup`` column it goes through
     :func:`cnn.results.speedup_table` (``metric``, ``baseline_strategy``, ``by``;
     ``by`` defaults to host, model, dataset, batch size plus ``input_shape`` and
     ``filters`` where present). ``x`` is ``workers`` (processes x threads),
-    ``processes`` or ``threads``. One series per (strategy, host, device, batch size).
-    The baseline rows themselves are drawn at speedup 1.
+    ``processes`` or ``threads``. One series per (strategy, host, device), medians
+    over repeats and epochs; ``by_batch=True`` splits series by batch size too.
     """
     from cnn.results import speedup_table
 
@@ -299,11 +304,12 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
         _empty(ax_e, msg)
         return fig
     styles = _host_styles(df)
-    base_keys = [c for c in ("strategy", "host", "device") if c in df.columns]
-    batch = _num(df, "batch_size")
-    many_batches = bool((batch.groupby([df[k].map(_text) for k in base_keys]).nunique()
-                         > 1).any()) if base_keys else False
-    keys = base_keys + (["batch_size"] if many_batches else [])
+    keys = [c for c in ("strategy", "host", "device") if c in df.columns]
+    if "experiment" in df.columns and df["experiment"].nunique() > 1:
+        keys.insert(0, "experiment")  # the same strategy from two experiments: say which
+    many_batches = by_batch and "batch_size" in df.columns
+    if many_batches:
+        keys.append("batch_size")
     for key, grp in df.groupby([df[k].map(_text) for k in keys], sort=False):
         key = dict(zip(keys, key, strict=True))
         agg = grp.assign(_x=_num(grp, x)).groupby("_x")[["speedup", "efficiency"]].median()
@@ -314,6 +320,8 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
         b = key.get("batch_size", "?").removesuffix(".0")
         extra = f"b={b}" if many_batches and b not in ("?", "nan") else None
         label = series_label(key.get("strategy"), key.get("host"), key.get("device"), extra)
+        if "experiment" in key:
+            label = f"{key['experiment']}: {label}"
         color = strategy_color(key.get("strategy"))
         ax_s.plot(agg.index, agg["speedup"], marker=marker, linestyle=ls, color=color,
                   label=label)
@@ -338,10 +346,16 @@ def speedup_efficiency(df: pd.DataFrame, metric: str = "wall_s",
     ax_e.set_ylim(bottom=0)
     ax_s.set_title("speedup")
     ax_e.set_title("efficiency")
-    ax_s.legend(loc="upper left")
+    handles, labels = ax_s.get_legend_handles_labels()
+    many = len(labels) > 6
+    if not many:
+        ax_s.legend(loc="upper left")
+    else:  # many series: one legend under both panels, the figure grows to hold it
+        fig.set_size_inches(8.4, 3.8 + 0.17 * math.ceil(len(labels) / 2))
+        fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=7)
     if title:
         fig.suptitle(title)
-    _footer(fig, df)
+    _footer(fig, df, top=many)
     return fig
 
 
@@ -402,13 +416,16 @@ def compute_comm_split(df: pd.DataFrame, normalise: bool = False,
     One bar per (strategy, processes, threads, host, device), medians over repeats;
     ``normalise=True`` shows fractions of the wall time.
     """
-    fig, (ax,) = _new_figure(1, (7.6, 3.8))
     rows = df.loc[_num(df, "wall_s").notna() & _num(df, "comm_s").notna()] \
         if df is not None and len(df) else df
+    keys = [c for c in ("strategy", "processes", "threads", "host", "device")
+            if rows is not None and c in rows]
+    nbars = len(rows.groupby([rows[k].map(_text) for k in keys])) if rows is not None and \
+        len(rows) and keys else 0
+    fig, (ax,) = _new_figure(1, (max(7.6, 0.3 * nbars + 1.5), 4.2))
     if rows is None or not len(rows):
         _empty(ax, "no rows with both wall_s and comm_s")
         return fig
-    keys = [c for c in ("strategy", "processes", "threads", "host", "device") if c in rows]
     agg = rows.assign(_wall=_num(rows, "wall_s"), _comm=_num(rows, "comm_s")).groupby(
         [rows[k].map(_text) for k in keys], sort=False)[["_wall", "_comm"]].median()
     comm = agg["_comm"].clip(lower=0)
@@ -557,26 +574,25 @@ def twin_errors(df: pd.DataFrame, title: str | None = None, host: str | None = N
         return fig
     dtypes = list(dict.fromkeys(df["dtype"]))
     models = list(dict.fromkeys(df["model"]))
-    pos, labels, zeros, x0 = [], [], [], 0
     width = 0.8 / max(len(dtypes), 1)
-    for m in models:
-        sub = df.loc[df["model"] == m]
-        quantities = list(dict.fromkeys(sub["quantity"]))
-        for qi, q in enumerate(quantities):
-            for di, d in enumerate(dtypes):
-                v = sub.loc[(sub["quantity"] == q) & (sub["dtype"] == d), "max_rel_err"]
-                if not len(v):
-                    continue
-                val = float(v.max())
-                xpos = x0 + qi + di * width
-                if val > 0:
-                    ax.bar(xpos, val, width, color=PALETTE[di % len(PALETTE)],
-                           label=d if (m == models[0] and qi == 0) else None)
-                else:  # exact agreement: no bar on a log axis, say "0"
-                    zeros.append(xpos)
-            pos.append(x0 + qi + width * (len(dtypes) - 1) / 2)
-            labels.append(f"{m}: {q}")
-        x0 += len(quantities) + 1
+    table = df.pivot_table(index=["model", "quantity"], columns="dtype", values="max_rel_err",
+                           aggfunc="max")
+    order = [mq for mq in dict.fromkeys(zip(df["model"], df["quantity"], strict=True))]
+    table = table.reindex(pd.MultiIndex.from_tuples(order))
+    # x positions: quantities side by side, a gap between models
+    gaps = np.cumsum([0] + [1 if order[i][0] != order[i - 1][0] else 0
+                            for i in range(1, len(order))])
+    base = np.arange(len(order)) + gaps
+    zeros = []
+    for di, d in enumerate(dtypes):
+        vals = table[d].to_numpy(dtype=float)
+        xs = base + di * width
+        pos_mask = vals > 0
+        ax.bar(xs[pos_mask], vals[pos_mask], width, color=PALETTE[di % len(PALETTE)], label=d)
+        zeros += list(xs[(vals == 0)])
+    pos = base + width * (len(dtypes) - 1) / 2
+    labels = [f"{m}: {q}" for m, q in order]
+    del models
     ax.set_yscale("log")
     bottom = ax.get_ylim()[0]
     for xpos in zeros:
@@ -594,11 +610,9 @@ def _host_note(fig: Any, host: str | None) -> None:
     """Footer for figures computed live (no results frame): this machine."""
     from cnn import runinfo
 
-    info = runinfo.run_info()
-    cpu = info.get("cpu") or "CPU unknown"
-    counts = info.get("cpu_count") or {}
-    text = (f"computed on {host or info.get('host')}: {cpu} ({counts.get('physical')} cores, "
-            f"{counts.get('logical')} threads); device cpu")
+    counts = runinfo.cpu_count()
+    text = (f"computed on {host or runinfo.host()}: {runinfo.cpu_model()} "
+            f"({counts.get('physical')} cores, {counts.get('logical')} threads); device cpu")
     fig.text(0.0, -0.01, text, ha="left", va="top", fontsize=7, color="#444444",
              transform=fig.transFigure)
 
@@ -683,6 +697,8 @@ def costmodel_curves(df: pd.DataFrame, x: str = "processes", title: str | None =
     if df is None or not len(df):
         _empty(ax, "no cost-model rows")
         return fig
+    if not _num(df, x).notna().any():  # the process count may be spelled "P"
+        x = next((c for c in ("P", "ranks", "workers") if _num(df, c).notna().any()), x)
     cols = set(df.columns)
     eff = [c for c in df.columns if str(c).endswith("efficiency") and _num(df, c).notna().any()]
     if eff and "processes" in cols:

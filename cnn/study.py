@@ -327,7 +327,7 @@ def twin_table(df: pd.DataFrame) -> pd.DataFrame:
 
 #: The baseline run at each scale (notebook 01 trains it when no saved baseline exists).
 BASELINE_SCALES: dict[str, dict[str, Any]] = {
-    "quick": dict(subset=2560, test_subset=1000, epochs=2, max_steps=None, batch_size=32),
+    "quick": dict(subset=2048, test_subset=1000, epochs=2, max_steps=None, batch_size=32),
     "standard": dict(subset=20000, test_subset=10000, epochs=3, max_steps=None, batch_size=64),
     "full": dict(subset=None, test_subset=None, epochs=15, max_steps=None, batch_size=64),
 }
@@ -357,9 +357,15 @@ def train_baseline(scale: str = "quick", dataset: str = "fashion-mnist", seed: i
     ``cnn.train.fit`` makes them; nothing is written to ``results/``), the trained
     network, the test split and a dict saying what was run.
     """
+    import warnings
+
     from cnn.models import seed_cnn
     from cnn.optim import make_optimizer, make_schedule
     from cnn.train import fit
+
+    with warnings.catch_warnings():  # tqdm.auto warns about ipywidgets; no bar is shown here
+        warnings.simplefilter("ignore")
+        import tqdm.auto  # noqa: F401
 
     cfg = dict(BASELINE_SCALES[scale])
     train, test, used, note = load_dataset(dataset, cfg["subset"], cfg["test_subset"])
@@ -402,15 +408,14 @@ def saved_weights(stem: str = "baseline_fashion_mnist") -> Path | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cnn.study",
-        description="Run notebooks/01..06 headless with papermill (scale parameter), then "
-                    "write results/summary.json and build report.pdf. "
-                    "'python -m cnn.study summary' / 'report' do only the last steps.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__.split("\n\nThis module also")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=["run", "summary", "report"],
-                   help="run: notebooks + summary + report; summary: results/summary.json "
-                        "only; report: summary + report.pdf")
+                   help="run (default): notebooks + summary + report; summary: "
+                        "results/summary.json only; report: summary + report.pdf")
     p.add_argument("--scale", default=DEFAULT_SCALE, choices=SCALES,
-                   help="the 'scale' parameter injected into every notebook")
+                   help="the 'scale' parameter injected into every notebook (default: "
+                        f"{DEFAULT_SCALE})")
     p.add_argument("--only", default=None, metavar="01,06",
                    help="comma-separated notebook numbers (or names) to run")
     p.add_argument("--timeout", type=float, default=None,
@@ -458,7 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     if args.command in ("run", "report") and not args.no_report:
         t = time.perf_counter()
-        out = build_report(args.out)
+        try:
+            out = build_report(args.out)
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"{'report':<30} {time.perf_counter() - t:7.1f} s  FAILED\n{exc}",
+                  file=sys.stderr, flush=True)
+            return 1
         print(f"{'report':<30} {time.perf_counter() - t:7.1f} s  ok  ({out})", flush=True)
     print(f"study done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

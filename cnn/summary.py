@@ -221,11 +221,24 @@ def _int(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+def _physical_cores(cpu: Any) -> int | None:
+    """Physical cores from a ``"<model> (N cores, M threads)"`` CPU label."""
+    m = re.search(r"\((\d+) cores", cpu) if isinstance(cpu, str) else None
+    return int(m.group(1)) if m else None
+
+
 def measured(value: float, text: str, unit: str, source: str, df: pd.DataFrame,
              rows: Sequence[Any], column: str, selection: str, definition: str,
              **details: Any) -> dict[str, Any]:
     """A measured headline: the value and exactly where it came from."""
     sub = df.loc[list(rows)]
+    if "scale" in sub.columns and sub["scale"].notna().any():
+        details.setdefault("scale", _one(sub["scale"]))
+    cores = _physical_cores(_one(sub.get("cpu", [None])))
+    workers = details.get("processes") or details.get("workers") or details.get("threads")
+    if cores and isinstance(workers, int | float) and workers > cores:
+        details.setdefault("oversubscribed", f"{_int(workers)} workers on {cores} physical "
+                                             "cores")
     return {
         "status": MEASURED, "value": float(value), "text": text, "unit": unit,
         "source": source, "host": _one(sub.get("host", [None])),
@@ -592,6 +605,29 @@ def mpi_headlines(frames, errors) -> dict[str, Any]:
     return out
 
 
+JIT_DOMINATED = 0.5  # compile_s above this fraction of wall_s: not a steady-state timing
+
+
+def jit_dominated(df: pd.DataFrame) -> pd.Series:
+    """Rows whose wall time is mostly JIT compilation / first-call overhead (``compile_s``)."""
+    return (_num(df, "compile_s") > JIT_DOMINATED * _num(df, "wall_s")).fillna(False)
+
+
+def timing_frames(frames: Mapping[str, pd.DataFrame]
+                  ) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
+    """Frames without JIT-dominated rows (for speedups), and what was left out."""
+    out, excluded = {}, []
+    for src, df in frames.items():
+        bad = jit_dominated(df)
+        out[src] = df.loc[~bad]
+        if bad.any():
+            excluded.append({"file": src, "rows": [_int(i) for i in df.index[bad]],
+                             "strategies": sorted(set(_str(df.loc[bad], "strategy"))),
+                             "reason": f"compile_s > {JIT_DOMINATED:.0%} of wall_s (JIT "
+                                       "compilation dominates: not a steady-state timing)"})
+    return out, excluded
+
+
 def whole_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Whole-run rows of a frame that also holds per-fold rows (k-fold): ``kind == 'run'``,
     else the rows whose ``fold`` is empty; other frames unchanged."""
@@ -662,6 +698,8 @@ def _async_headline(frames, errors, part: str, strategy_names: Sequence[str],
          "samples_per_s" else f"{best['metric']}(baseline) / {best['metric']}({what})"),
         workers=_int(p), efficiency=jsonable(best["speedup"] / p),
         test_acc=jsonable(acc_top), baseline_test_acc=jsonable(acc_base),
+        test_acc_text=fmt_acc(acc_top) if math.isfinite(acc_top) else "-",
+        baseline_test_acc_text=fmt_acc(acc_base) if math.isfinite(acc_base) else "-",
         strategy=_one(top.get("strategy", [None])))
 
 
@@ -723,6 +761,7 @@ def costmodel_part(frames) -> dict[str, Any]:
         df = frames[src]
         hosts.append(_one(df.get("host", [None])))
         procs |= {_int(p) for p in _num(df, "processes").dropna()}
+        procs |= {_int(p) for p in _num(df, "P").dropna()}
         for c in df.columns:
             if pat.search(c.lower()):
                 v = _num(df, c).dropna()
@@ -996,7 +1035,7 @@ def speedup_frame(frames: Mapping[str, pd.DataFrame], include_reference: bool = 
     from cnn.results import speedup_table, to_frame
 
     parts = []
-    for src, df in frames.items():
+    for src, df in timing_frames(frames)[0].items():
         name = Path(src).name
         if "cost" in name.lower() or not len(df):
             continue
@@ -1054,18 +1093,23 @@ def throughput_rows(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     from cnn.results import to_frame
 
     parts = []
-    for src, df in frames.items():
+    for src, df in timing_frames(frames)[0].items():
         if "cost" in Path(src).name.lower():
             continue
         if "bench" in Path(src).name:
             df, _ = _bench_batch(df)
         df = whole_runs(df)[0]
         df = df.loc[_num(df, "samples_per_s").notna()]
-        if "baseline" in Path(src).name and len(df):  # one bar: the median epoch
-            med = _num(df, "samples_per_s").median()
-            df = df.loc[[(_num(df, "samples_per_s") - med).abs().idxmin()]]
-        if len(df):
-            parts.append(with_mode(df, src).assign(source=src))
+        if len(df):  # one bar per configuration: the row nearest the median over epochs
+            df = with_mode(df, src)
+            keys = [_str(df, c) for c in ("experiment", "strategy", "backend", "host",
+                                           "device")]
+            keys += [_num(df, c).fillna(-1) for c in ("processes", "threads", "batch_size")]
+            pick = []
+            for _, g in df.groupby(keys, sort=False):
+                thr = _num(g, "samples_per_s")
+                pick.append((thr - thr.median()).abs().idxmin())
+            parts.append(df.loc[pick].assign(source=src))
     return to_frame(pd.concat(parts, ignore_index=True, sort=False)) if parts else to_frame([])
 
 
@@ -1150,15 +1194,20 @@ def conclusions(summary: Mapping[str, Any]) -> list[str]:
     for key, name in (("mpi_strong_efficiency", "strong"), ("mpi_weak_efficiency", "weak")):
         if key in m:
             r = m[key]
-            quality = ("near-ideal" if r["value"] >= 0.9 else "good" if r["value"] >= 0.7
+            quality = ("above 100%: superlinear, within the noise of a short run or a cache "
+                       "effect" if r["value"] > 1.05 else
+                       "near-ideal" if r["value"] >= 0.9 else "good" if r["value"] >= 0.7
                        else "poor" if r["value"] < 0.5 else "moderate")
+            extra = "".join(f"; {x}" for x in (
+                r.get("oversubscribed"), f"scale {r['scale']}" if r.get("scale") else None) if x)
             out.append(f"MPI {r.get('strategy')} {name} scaling keeps {r['text']} efficiency at "
-                       f"P = {r.get('processes')} on {r['host']} ({quality}).")
+                       f"P = {r.get('processes')} on {r['host']} ({quality}{extra}).")
     for key, name in (("hogwild_speedup", "HOGWILD"), ("kfold_speedup", "Async k-fold")):
         if key in m:
             r = m[key]
-            s = f"{name} runs {r['text']} faster than sequential with {r.get('workers')} " \
-                f"workers on {r['host']}"
+            pace = (f"runs {r['text']} faster than sequential" if r["value"] > 1.0 else
+                    f"is no faster than sequential ({r['text']} its speed)")
+            s = f"{name} {pace} with {r.get('workers')} workers on {r['host']}"
             if r.get("test_acc") is not None and r.get("baseline_test_acc") is not None:
                 s += (f" (test accuracy {fmt_acc(r['test_acc'])} vs "
                       f"{fmt_acc(r['baseline_test_acc'])} sequential)")
@@ -1192,10 +1241,12 @@ def build_summary(results: str | os.PathLike | None = None,
 
         images = images_dir()
     frames, errors = load_frames(folder)
+    timed, excluded = timing_frames(frames)
     headlines: dict[str, Any] = {}
-    for part in (baseline_headlines, bench_cpu_headlines, mpi_headlines, async_headlines,
-                 gpu_headlines):
+    for part in (baseline_headlines, bench_cpu_headlines, gpu_headlines):
         headlines.update(part(frames, errors))
+    for part in (mpi_headlines, async_headlines):  # speedups: steady-state rows only
+        headlines.update(part(timed, errors))
     headlines = {k: headlines[k] for k in HEADLINES}
     for k, v in headlines.items():
         v["label"] = HEADLINES[k]
@@ -1217,6 +1268,7 @@ def build_summary(results: str | os.PathLike | None = None,
         "twin": twin_part() if twin else not_measured("skipped (--no-twin)"),
         "figures": figures_part(Path(images)),
         "synthetic_files": [f["file"] for f in files_part(frames, {}) if f.get("synthetic")],
+        "excluded_from_speedups": excluded,
     }
     summary["conclusions"] = conclusions(summary)
     return jsonable(summary)
@@ -1245,10 +1297,8 @@ def headline_table(summary: Mapping[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cnn.summary",
-                                description="Read results/*.pkl and write the study's headline "
-                                            "numbers (with their sources) to "
-                                            "results/summary.json.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n\nColumn names")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default=None,
                    help=f"folder of the *.pkl results (default: ${RESULTS_ENV} or "
                         "<root>/results)")

@@ -203,6 +203,24 @@ def test_summary_reads_unlabelled_and_odd_columns_defensively(tmp_path):
     assert h["baseline_accuracy"]["value"] == 0.5
 
 
+def test_jit_dominated_rows_are_left_out_of_speedups(tmp_path):
+    """A baseline whose wall time is mostly JIT compilation would inflate every speedup."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    rows = [row(experiment="hogwild", strategy="sequential", processes=1, samples_per_s=10.0,
+                wall_s=45.0, compile_s=44.0),
+            row(experiment="hogwild", strategy="sequential", processes=1, samples_per_s=400.0,
+                wall_s=2.0, compile_s=0.0),
+            row(experiment="hogwild", strategy="hogwild", processes=2, samples_per_s=600.0,
+                wall_s=1.5, compile_s=0.1)]
+    save_results(rows, folder / "hogwild.pkl")
+    summary = S.build_summary(folder, tmp_path / "images", twin=False)
+    assert summary["headlines"]["hogwild_speedup"]["value"] == pytest.approx(1.5)
+    assert summary["excluded_from_speedups"][0]["rows"] == [0]
+    frames, _ = S.load_frames(folder)
+    assert S.speedup_frame(frames)["speedup"].tolist() == pytest.approx([1.5])
+
+
 def test_summary_cli_writes_json_atomically(tmp_path):
     fake_results(tmp_path / "results", parts=("baseline", "kfold"))
     out = tmp_path / "results" / "summary.json"
