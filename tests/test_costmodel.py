@@ -62,6 +62,8 @@ def test_fits_recover_known_parameters():
     assert a == pytest.approx(alpha, rel=1e-3) and b == pytest.approx(beta, rel=1e-6)
     c = cm.Compute.fit([16, 32, 64], [0.002 + 0.001 * b for b in (16, 32, 64)])
     assert c.c0 == pytest.approx(0.002) and c.c1 == pytest.approx(0.001)
+    c = cm.Compute.fit([1, 2], [0.5, 2.0])  # intercept -1: refitted through the origin
+    assert c.c0 == 0.0 and c.c1 == pytest.approx((0.5 + 4.0) / 5)
     with pytest.raises(ValueError):
         cm.fit_linear([1, 1], [2, 3])
 
