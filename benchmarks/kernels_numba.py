@@ -18,6 +18,27 @@ import time
 import numpy as np
 
 
+def _idle_fraction(dt: float = 0.3) -> float:
+    """Fraction of all CPUs idle over ``dt`` seconds (Linux /proc/stat)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    i0, t0 = snap()
+    time.sleep(dt)
+    i1, t1 = snap()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(threshold: float, timeout: float) -> float:
+    """Wait (up to ``timeout`` s) until the machine is at least ``threshold`` idle."""
+    end = time.time() + timeout
+    f = _idle_fraction()
+    while f < threshold and time.time() < end:
+        f = _idle_fraction()
+    return f
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=128)
@@ -25,6 +46,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--only", default="")
     ap.add_argument("--shape", default="3,32,32")
+    ap.add_argument("--quiet", type=float, default=0.0,
+                    help="before each round, wait until this fraction of the CPUs is idle")
     args = ap.parse_args()
 
     import numba
@@ -76,15 +99,19 @@ def main() -> None:
     for f in variants.values():  # warm-up: JIT compile, caches, allocator
         for _ in range(3):
             f()
+    idle = []
     for _ in range(args.rounds):
         for k, f in variants.items():
+            if args.quiet:
+                idle.append(wait_quiet(args.quiet, 60))
             f()
             for _ in range(args.reps):
                 t0, c0 = time.perf_counter(), time.process_time()
                 f()
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
-    print(f"batch {n}, shape {shape}, {args.rounds}x{args.reps} steps per variant")
+    print(f"batch {n}, shape {shape}, {args.rounds}x{args.reps} steps per variant"
+          + (f", idle before rounds: median {np.median(idle):.2f}" if idle else ""))
     for k in variants:
         w = np.median(wall[k]) * 1e3
         print(f"  {k:7s} wall {w:7.1f} ms ({n / w * 1e3:6.0f} img/s)  min {min(wall[k]) * 1e3:6.1f}"

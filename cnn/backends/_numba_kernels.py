@@ -56,6 +56,7 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
     types.voidptr, types.intp,                   # c, ldc
 ))
 
+U = np.uint64  # unsigned indices: no wraparound branch, so LLVM vectorises the loop
 N_ = 110  # ord('n')
 T_ = 116  # ord('t')
 
@@ -95,61 +96,69 @@ def _out_range(kj, s, p, w, ow_n):
 
 @_jit()
 def im2col(xn, k, s, p, oh_n, ow_n, cols):
-    """cols[(c*k + ki)*k + kj, oh*OW + ow] = x[c, oh*s + ki - p, ow*s + kj - p] (0 outside)."""
+    """cols[(c*k + ki)*k + kj, oh*OW + ow] = x[c, oh*s + ki - p, ow*s + kj - p] (0 outside).
+
+    Indices are uint64 on 1-D rows: Numba's negative-index wraparound on signed indices
+    (and views made inside the loops) stop LLVM from vectorising these short copies."""
     cin, h, w = xn.shape
     zero = cols.dtype.type(0)
+    uw, us, uow = U(w), U(s), U(ow_n)
     for c in range(cin):
+        xc = xn[c].reshape(-1)
         for ki in range(k):
             for kj in range(k):
                 row = cols[(c * k + ki) * k + kj]
                 lo, hi = _out_range(kj, s, p, w, ow_n)
-                off = kj - p
+                ulo, uhi = U(lo), U(hi)
                 for oh in range(oh_n):
                     ih = oh * s + ki - p
-                    # views indexed by plain loop counters vectorise (no index wraparound)
-                    dst = row[oh * ow_n:]
-                    if ih < 0 or ih >= h:
-                        for ow in range(ow_n):
-                            dst[ow] = zero
+                    b = U(oh) * uow
+                    if ih < 0 or ih >= h or hi == lo:
+                        for j in range(uow):
+                            row[b + j] = zero
+                        continue
+                    for j in range(ulo):
+                        row[b + j] = zero
+                    src = U(ih) * uw + U(lo * s + kj - p)
+                    dst = b + ulo
+                    if s == 1:
+                        for j in range(uhi - ulo):
+                            row[dst + j] = xc[src + j]
                     else:
-                        for ow in range(lo):
-                            dst[ow] = zero
-                        if hi > lo:
-                            seg = dst[lo:]
-                            src = xn[c, ih, lo * s + off:]
-                            if s == 1:
-                                for j in range(hi - lo):
-                                    seg[j] = src[j]
-                            else:
-                                for j in range(hi - lo):
-                                    seg[j] = src[j * s]
-                        for ow in range(hi, ow_n):
-                            dst[ow] = zero
+                        for j in range(uhi - ulo):
+                            row[dst + j] = xc[src + j * us]
+                    for j in range(uhi, uow):
+                        row[b + j] = zero
 
 
 @_jit()
 def col2im(dcols, k, s, p, oh_n, ow_n, dxn):
     """The adjoint of ``im2col``: dx[c, ih, iw] += dcols[...] (dxn zeroed here first)."""
     cin, h, w = dxn.shape
-    dxn[...] = 0
+    uw, us, uow = U(w), U(s), U(ow_n)
     for c in range(cin):
+        xc = dxn[c].reshape(-1)
+        for i in range(U(h) * uw):
+            xc[i] = 0
         for ki in range(k):
             for kj in range(k):
                 row = dcols[(c * k + ki) * k + kj]
                 lo, hi = _out_range(kj, s, p, w, ow_n)
-                off = kj - p
+                if hi == lo:
+                    continue
+                n = U(hi - lo)
                 for oh in range(oh_n):
                     ih = oh * s + ki - p
-                    if ih < 0 or ih >= h or hi <= lo:
+                    if ih < 0 or ih >= h:
                         continue
-                    dst = dxn[c, ih, lo * s + off:]
-                    src = row[oh * ow_n + lo:]
+                    dst = U(ih) * uw + U(lo * s + kj - p)
+                    src = U(oh) * uow + U(lo)
                     if s == 1:
-                        for j in range(hi - lo):
-                            dst[j] += src[j]
+                        for j in range(n):
+                            xc[dst + j] += row[src + j]
                     else:
-                        for j in range(hi - lo):
-                            dst[j * s] += src[j]
+                        for j in range(n):
+                            xc[dst + j * us] += row[src + j]
 
 
 @_jit()
@@ -405,24 +414,29 @@ def maxpool2d_forward(x, k, s, y, arg):
 
 
 @_jit()
-def _unpool_plane(dyp, ap, k, s, dxp):
-    dxp[...] = 0
+def _unpool_plane(dyp, ap, s, offs, dxp):
+    """dx = 0, then each dy goes to its window's argmax; ``offs[off]`` = ki*W + kj (a table
+    lookup: an integer division by k per element cost 2x the whole kernel)."""
+    w = dxp.shape[1]
     oh_n, ow_n = dyp.shape
+    df = dxp.reshape(-1)
+    for i in range(df.size):
+        df[i] = 0
     for oh in range(oh_n):
+        g = dyp[oh]
+        a = ap[oh]
+        row = df[oh * s * w:]
         for ow in range(ow_n):
-            off = ap[oh, ow]
-            ki = off // k
-            kj = off - ki * k
-            dxp[oh * s + ki, ow * s + kj] += dyp[oh, ow]
+            row[ow * s + offs[a[ow]]] += g[ow]
 
 
 @_jit(parallel=True)
-def maxpool2d_backward(dy, arg, k, s, dx):
+def maxpool2d_backward(dy, arg, s, offs, dx):
     n_img, cin = dy.shape[0], dy.shape[1]
     for pc in prange(n_img * cin):
         n = pc // cin
         c = pc - n * cin
-        _unpool_plane(dy[n, c], arg[n, c], k, s, dx[n, c])
+        _unpool_plane(dy[n, c], arg[n, c], s, offs, dx[n, c])
 
 
 # --- elementwise (flat views; no reductions, so any split is deterministic) ----------
@@ -462,44 +476,51 @@ def sigmoid_backward(dy, y, dx):
 
 # --- dense ---------------------------------------------------------------------------
 
+@_jit()
+def _dense_fwd_block(x, w, b, y, j0, j1):
+    n_img, nin = x.shape
+    for i in range(n_img):
+        yi = y[i]
+        for j in range(j0, j1):
+            yi[j] = b[j]
+    gemm(N_, T_, n_img, j1 - j0, nin, 1.0, x, nin, w[j0:], nin, 1.0, y[:, j0:], w.shape[0])
+
+
 @_jit(parallel=True)
 def dense_forward(x, w, b, y, col_lo):
-    """y[:, j0:j1] = x @ W[j0:j1]^T + b[j0:j1]; blocks of output features in parallel."""
-    n_img, nin = x.shape
-    nout = w.shape[0]
+    """y[:, j0:j1] = x @ W[j0:j1]^T + b[j0:j1]; fixed blocks of output features in parallel."""
     for bi in prange(col_lo.size - 1):
-        j0 = col_lo[bi]
-        j1 = col_lo[bi + 1]
+        _dense_fwd_block(x, w, b, y, col_lo[bi], col_lo[bi + 1])
+
+
+@_jit()
+def _dense_dw_block(dy, x, dw, db, j0, j1):
+    n_img, nin = x.shape
+    nout = dy.shape[1]
+    gemm(T_, N_, j1 - j0, nin, n_img, 1.0, dy[:, j0:], nout, x, nin, 0.0, dw[j0:], nin)
+    for j in range(j0, j1):
+        acc = 0.0
         for i in range(n_img):
-            for j in range(j0, j1):
-                y[i, j] = b[j]
-        if j1 > j0:
-            gemm(N_, T_, n_img, j1 - j0, nin, 1.0, x, nin, w[j0:], nin, 1.0, y[:, j0:], nout)
+            acc += dy[i, j]
+        db[j] = acc
+
+
+@_jit()
+def _dense_dx_block(dy, w, dx, i0, i1):
+    n_img, nout = dy.shape
+    nin = w.shape[1]
+    gemm(N_, N_, n_img, i1 - i0, nout, 1.0, dy, nout, w[:, i0:], nin, 0.0, dx[:, i0:], nin)
 
 
 @_jit(parallel=True)
 def dense_backward(dy, x, w, dw, db, need_dx, dx, row_lo, col_lo):
     """dW[j0:j1] = dy[:, j0:j1]^T @ x, db = column sums of dy (batch order),
-    dx[:, i0:i1] = dy @ W[:, i0:i1]; each in parallel blocks, no reductions across them."""
-    n_img, nin = x.shape
-    nout = w.shape[0]
+    dx[:, i0:i1] = dy @ W[:, i0:i1]; fixed blocks in parallel, no cross-block reductions."""
     for bi in prange(row_lo.size - 1):
-        j0 = row_lo[bi]
-        j1 = row_lo[bi + 1]
-        if j1 > j0:
-            gemm(T_, N_, j1 - j0, nin, n_img, 1.0, dy[:, j0:], nout, x, nin, 0.0, dw[j0:], nin)
-        for j in range(j0, j1):
-            acc = 0.0
-            for i in range(n_img):
-                acc += dy[i, j]
-            db[j] = acc
+        _dense_dw_block(dy, x, dw, db, row_lo[bi], row_lo[bi + 1])
     if need_dx:
         for bi in prange(col_lo.size - 1):
-            i0 = col_lo[bi]
-            i1 = col_lo[bi + 1]
-            if i1 > i0:
-                gemm(N_, N_, n_img, i1 - i0, nout, 1.0, dy, nout, w[:, i0:], nin, 0.0,
-                     dx[:, i0:], nin)
+            _dense_dx_block(dy, w, dx, col_lo[bi], col_lo[bi + 1])
 
 
 # --- loss ----------------------------------------------------------------------------

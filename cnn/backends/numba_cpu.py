@@ -39,6 +39,11 @@ DESCRIPTION = "Numba CPU, prange over images/blocks, im2col + per-thread BLAS sg
 #: Weight-gradient partial sums are kept per batch chunk; the count does not depend on
 #: the thread count (up to this many threads), so neither do the summed bits.
 CHUNKS = 16
+#: Dense GEMMs are split into column blocks of this width (fixed: no thread-count effect).
+DENSE_BLOCK = 64
+
+#: Elementwise items (or GEMM FLOPs / 32) a thread must get before a kernel wakes it.
+MIN_WORK = 1 << 15
 
 #: Outputs at least this big are recycled (see ``_out``), at most this many per shape.
 _POOL_MIN_BYTES = 1 << 16
@@ -136,6 +141,28 @@ def _threads() -> int:
     return numba.get_num_threads()
 
 
+def _team(work: float) -> int:
+    """Threads worth waking for ``work`` (elementwise items; FLOPs / 32 for GEMM kernels):
+    each must get ``MIN_WORK`` or the parallel region costs more than it saves. Results
+    never depend on it (every partition is fixed), only the speed does."""
+    t = _threads()
+    return max(1, min(t, int(work // MIN_WORK)))
+
+
+def _run(team: int, kernel, *args):
+    """``kernel(*args)`` on ``team`` numba threads (the configured count is restored)."""
+    import numba
+
+    t = numba.get_num_threads()
+    if team >= t:
+        return kernel(*args)
+    numba.set_num_threads(team)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(t)
+
+
 def _out(shape, dtype) -> np.ndarray:
     """A fresh-to-the-caller output array, recycled from earlier calls when nobody else
     holds a reference to it (its refcount shows only this pool; any view of it counts).
@@ -209,14 +236,9 @@ def _bounds(n: int, parts: int) -> np.ndarray:
     return np.array([i * n // parts for i in range(parts + 1)], dtype=np.int64)
 
 
-def _col_blocks(n: int, parts: int, align: int = 16) -> np.ndarray:
-    """``parts`` contiguous blocks of ``range(n)``, inner edges rounded to ``align``."""
-    edges = [0]
-    for i in range(1, parts):
-        e = min(n, -(-(i * n // parts) // align) * align)
-        edges.append(max(e, edges[-1]))
-    edges.append(n)
-    return np.array(edges, dtype=np.int64)
+def _blocks(n: int, size: int) -> np.ndarray:
+    """Edges of fixed ``size`` blocks of ``range(n)`` (the last one shorter)."""
+    return np.array([*range(0, n, size), n], dtype=np.int64)
 
 
 def _chunks(n: int, threads: int) -> int:
@@ -287,13 +309,14 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
         raise ShapeError(f"input {x.shape} with padding {p} is smaller than the {k}x{k} kernel")
     oh = (h + 2 * p - k) // s + 1
     ow = (wd + 2 * p - k) // s + 1
-    t = min(_threads(), max(n, 1))
+    t = min(_team(n * o * c * k * k * oh * ow / 16), n)
     y = _out((n, o, oh, ow), x.dtype)
     cols, xpad, ypad = _conv_scratch(t, x.shape, o, k, s, p, oh, ow, x.dtype)
     wb = _buf("wb", (o, c * k * k + 1), x.dtype)
     wb[:, :-1] = w.reshape(o, c * k * k)
     wb[:, -1] = b
-    K.conv2d_forward(x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols, xpad, ypad)
+    _run(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols, xpad,
+         ypad)
     return y, (x, s, p)
 
 
@@ -313,7 +336,7 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     _shape("db", db, (o,))
     threads = _threads()
     nch = _chunks(n, threads)
-    t = min(threads, nch)
+    t = min(_team(n * o * c * k * k * oh * ow / (8 if need_dx else 16)), nch)
     ckk = c * k * k
     dwp = _buf("dwp", (nch, ckk + 1, o), x.dtype)
     cols, xpad, dyp = _conv_scratch(t, x.shape, o, k, s, p, oh, ow, x.dtype)
@@ -323,10 +346,9 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     else:
         dx = np.empty((1, 1, 1, 1), x.dtype)
         dcols = np.empty((0, 0, 0), x.dtype)
-    K.conv2d_backward(x, dy.reshape(n, o, oh * ow), w.reshape(o, ckk), k, s, p, oh, ow,
-                      _bounds(n, nch), _bounds(nch, t), dwp, bool(need_dx), dx, cols, dcols,
-                      xpad, dyp)
-    K.reduce_chunks_t(dwp, dw.reshape(o, ckk), db)
+    _run(t, K.conv2d_backward, x, dy.reshape(n, o, oh * ow), w.reshape(o, ckk), k, s, p, oh,
+         ow, _bounds(n, nch), _bounds(nch, t), dwp, bool(need_dx), dx, cols, dcols, xpad, dyp)
+    _run(_team(nch * (ckk + 1) * o), K.reduce_chunks_t, dwp, dw.reshape(o, ckk), db)
     return dx if need_dx else None
 
 
@@ -344,7 +366,7 @@ def maxpool2d_forward(x, k: int, s: int):
     oh, ow = (h - k) // s + 1, (w - k) // s + 1
     y = _out((n, c, oh, ow), x.dtype)
     arg = _out((n, c, oh, ow), np.uint8 if k * k <= 256 else np.int32)
-    K.maxpool2d_forward(x, k, s, y, arg)
+    _run(_team(x.size), K.maxpool2d_forward, x, k, s, y, arg)
     return y, (arg, x.shape, k, s)
 
 
@@ -354,7 +376,9 @@ def maxpool2d_backward(dy, ctx):
     dy = _arr("dy", dy, 4)
     _shape("dy", dy, arg.shape)
     dx = _out(x_shape, dy.dtype)
-    K.maxpool2d_backward(dy, arg, k, s, dx)
+    w = x_shape[3]
+    offs = np.array([ki * w + kj for ki in range(k) for kj in range(k)], dtype=np.int64)
+    _run(_team(dx.size), K.maxpool2d_backward, dy, arg, s, offs, dx)
     return dx
 
 
@@ -363,7 +387,7 @@ def maxpool2d_backward(dy, ctx):
 def relu_forward(x):
     x = _arr("x", x)
     y = _out(x.shape, x.dtype)
-    _kernels().relu_forward(x.reshape(-1), y.reshape(-1))
+    _run(_team(x.size), _kernels().relu_forward, x.reshape(-1), y.reshape(-1))
     return y, y
 
 
@@ -372,14 +396,15 @@ def relu_backward(dy, y):
     dy = _arr("dy", dy, dtype=y.dtype)
     _shape("dy", dy, y.shape)
     dx = _out(dy.shape, dy.dtype)
-    _kernels().relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    _run(_team(dy.size), _kernels().relu_backward, dy.reshape(-1), y.reshape(-1),
+         dx.reshape(-1))
     return dx
 
 
 def sigmoid_forward(x):
     x = _arr("x", x)
     y = _out(x.shape, x.dtype)
-    _kernels().sigmoid_forward(x.reshape(-1), y.reshape(-1))
+    _run(_team(x.size), _kernels().sigmoid_forward, x.reshape(-1), y.reshape(-1))
     return y, y
 
 
@@ -388,7 +413,8 @@ def sigmoid_backward(dy, y):
     dy = _arr("dy", dy, dtype=y.dtype)
     _shape("dy", dy, y.shape)
     dx = _out(dy.shape, dy.dtype)
-    _kernels().sigmoid_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    _run(_team(dy.size), _kernels().sigmoid_backward, dy.reshape(-1), y.reshape(-1),
+         dx.reshape(-1))
     return dx
 
 
@@ -404,7 +430,7 @@ def dense_forward(x, w, b):
     _shape("w", w, (o, i))
     _shape("b", b, (o,))
     y = _out((n, o), x.dtype)
-    K.dense_forward(x, w, b, y, _col_blocks(o, min(_threads(), max(1, o // 16))))
+    _run(_team(n * i * o / 16), K.dense_forward, x, w, b, y, _blocks(o, DENSE_BLOCK))
     return y, x
 
 
@@ -421,11 +447,9 @@ def dense_backward(dy, x, w, dw, db, need_dx: bool):
     _shape("dy", dy, (n, o))
     _shape("dw", dw, (o, i))
     _shape("db", db, (o,))
-    t = _threads()
     dx = _out((n, i), x.dtype) if need_dx else np.empty((1, 1), x.dtype)
-    K.dense_backward(dy, x, w, dw, db, bool(need_dx), dx,
-                     _col_blocks(o, min(t, max(1, o // 16))),
-                     _col_blocks(i, min(t, max(1, i // 16))))
+    _run(_team(n * i * o / (8 if need_dx else 16)), K.dense_backward, dy, x, w, dw, db,
+         bool(need_dx), dx, _blocks(o, DENSE_BLOCK), _blocks(i, DENSE_BLOCK))
     return dx if need_dx else None
 
 
@@ -465,9 +489,9 @@ def sgd_update(params, grads, velocity, lr: float, momentum: float, dampening: f
     else:
         params, grads = _flat_triplet(params, grads)
         velocity = params  # unused by the kernel when momentum == 0
-    _kernels().sgd_update(params, grads, velocity, float(lr), float(momentum),
-                          float(dampening), float(weight_decay), bool(nesterov),
-                          bool(first_step))
+    _run(_team(params.size), _kernels().sgd_update, params, grads, velocity, float(lr),
+         float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+         bool(first_step))
 
 
 def adam_update(params, grads, m, v, lr: float, beta1: float, beta2: float, eps: float,
@@ -476,5 +500,5 @@ def adam_update(params, grads, m, v, lr: float, beta1: float, beta2: float, eps:
     step = _pos_int("step", step)
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
-    _kernels().adam_update(params, grads, m, v, float(lr / bc1), float(beta1), float(beta2),
-                           float(eps), float(weight_decay), float(np.sqrt(bc2)))
+    _run(_team(params.size), _kernels().adam_update, params, grads, m, v, float(lr / bc1),
+         float(beta1), float(beta2), float(eps), float(weight_decay), float(np.sqrt(bc2)))
