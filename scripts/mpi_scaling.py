@@ -8,7 +8,8 @@
     # accuracy of every strategy vs sequential on Fashion-MNIST at equal epochs
     .venv/bin/python scripts/mpi_scaling.py --scale standard --backend numpy --only accuracy
     # the communication measurements behind the cost model
-    .venv/bin/mpiexec -n 2 .venv/bin/python -m cnn.parallel.costmodel --save results/mpi_comm.pkl
+    .venv/bin/mpiexec -n 2 .venv/bin/python -m cnn.parallel.costmodel \\
+        --save results/mpi_costmodel_raw.pkl
 
 Runs go through ``mpiexec`` (``--via mpiexec``, the default here) or ipyparallel MPI
 engines (``--via ipyparallel``, what the notebook does); the numbers are the same runs.

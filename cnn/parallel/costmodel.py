@@ -2,7 +2,7 @@
 
 Measure (collective, under ``mpiexec``; rank 0 saves the rows)::
 
-    mpiexec -n 2 python -m cnn.parallel.costmodel --save results/mpi_comm.pkl
+    mpiexec -n 2 python -m cnn.parallel.costmodel --save results/mpi_costmodel_raw.pkl
 
 gives ping-pong (rank 0 <-> rank 1) and ``Allreduce`` times over message sizes, and
 :func:`measure_compute` times one training step (forward, backward, update) against the
