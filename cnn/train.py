@@ -213,6 +213,21 @@ def make_training(net: Network, args: argparse.Namespace, steps_per_epoch: int):
     return opt, make_schedule(args.schedule, args.lr, total)
 
 
+def finish_run(df: pd.DataFrame, net: Network, args: argparse.Namespace) -> None:
+    """What every training CLI does last: save metrics and weights atomically, print."""
+    if args.save_metrics:
+        save_results(df, args.save_metrics)
+    if args.save_weights:
+        net.save(args.save_weights)
+    if len(df):
+        last = df.iloc[-1]
+        comm = last.get("comm_s") or 0.0
+        comm_note = f", comm {comm:.2f}s of {last['wall_s']:.2f}s" if comm > 0 else ""
+        print(f"test accuracy: {last['test_acc']:.4f}  (loss {last['test_loss']:.4f}, "
+              f"{last['samples_per_s']:.0f} samples/s, step {last['step_ms_median']:.1f} ms"
+              f"{comm_note})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = build_parser().parse_args(argv)
     (x, y), test = load_data(args)
@@ -225,14 +240,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
              progress=False if args.no_progress else None, experiment=args.experiment,
              strategy="sequential", processes=1, model=args.model,
              dataset=args.dataset)
-    if args.save_metrics:
-        save_results(df, args.save_metrics)
-    if args.save_weights:
-        net.save(args.save_weights)
-    if len(df):
-        last = df.iloc[-1]
-        print(f"test accuracy: {last['test_acc']:.4f}  (loss {last['test_loss']:.4f}, "
-              f"{last['samples_per_s']:.0f} samples/s, step {last['step_ms_median']:.1f} ms)")
+    finish_run(df, net, args)
     return df
 
 

@@ -76,8 +76,8 @@ import pandas as pd
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
 from cnn.network import Network
-from cnn.results import make_row, save_results, step_stats, to_frame
-from cnn.train import add_training_args, build_network, fit, load_data, make_training
+from cnn.results import make_row, step_stats, to_frame
+from cnn.train import add_training_args, build_network, finish_run, fit, load_data, make_training
 
 STRATEGIES: tuple[str, ...] = ("allreduce", "param-server", "async-param-server", "model-average")
 TAG_GRAD, TAG_WEIGHTS = 11, 12
@@ -790,15 +790,7 @@ def main(argv: list[str] | None = None, comm: Any = None) -> pd.DataFrame | None
         df, net = train_sync(run)
     if comm.Get_rank() != 0:
         return to_frame([])
-    if args.save_metrics:
-        save_results(df, args.save_metrics)
-    if args.save_weights:
-        net.save(args.save_weights)
-    if len(df):
-        last = df.iloc[-1]
-        print(f"test accuracy: {last['test_acc']:.4f}  (loss {last['test_loss']:.4f}, "
-              f"{last['samples_per_s']:.0f} samples/s, step {last['step_ms_median']:.1f} ms, "
-              f"comm {last['comm_s']:.2f}s of {last['wall_s']:.2f}s)", flush=True)
+    finish_run(df, net, args)
     return df
 
 
