@@ -729,8 +729,8 @@ def gpu_headlines(frames, errors) -> dict[str, Any]:
     i = thr.idxmax()
     row = cuda.loc[i]
     details: dict[str, Any] = dict(batch_size=_int(row.get("batch_size")))
-    torch_gpu = steps.loc[(_str(steps, "backend") == "torch")
-                          & _str(steps, "device").str.startswith("cuda")]
+    # GPU rows record the device's name ("NVIDIA H100 ..."), so "not on the CPU" selects them
+    torch_gpu = steps.loc[(_str(steps, "backend") == "torch") & (_str(steps, "device") != "cpu")]
     pairs = _pairs(steps, steps.index == i, steps.index.isin(torch_gpu.index))
     if pairs:
         details["torch_gpu_samples_per_s"] = jsonable(_num(steps, "samples_per_s")[pairs[0][1]])
