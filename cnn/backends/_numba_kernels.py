@@ -236,71 +236,92 @@ def _fill(a, v):
 
 
 @_jit()
-def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, xp, yp):
-    """y = [W | b] @ [cols; 1]: the bias rides in the GEMM on a row of ones."""
+def _conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp):
+    """Stride 1: y = [W | b] @ [shift_cols; 1] on the padded width, then the garbage
+    columns are dropped while copying into y. The bias rides in the GEMM (row of ones)."""
     o = wb.shape[0]
     ckk1 = wb.shape[1]
-    if s == 1:
-        wp = xn.shape[2] + 2 * p
-        ln = oh_n * wp
-        shift_cols(xn, k, p, oh_n, wp, xp, ct)
-        gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yp, ln)
-        for oc in range(o):  # drop the garbage columns
-            for oh in range(oh_n):
-                src = yp[oc, oh * wp:]
-                dst = yn[oc, oh * ow_n:]
-                for ow in range(ow_n):
-                    dst[ow] = src[ow]
-    else:
-        ln = oh_n * ow_n
-        im2col(xn, k, s, p, oh_n, ow_n, ct)
-        gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yn, ln)
+    wp = xn.shape[2] + 2 * p
+    ln = oh_n * wp
+    shift_cols(xn, k, p, oh_n, wp, xp, ct)
+    gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yp, ln)
+    for oc in range(o):
+        for oh in range(oh_n):
+            src = yp[oc, oh * wp:]
+            dst = yn[oc, oh * ow_n:]
+            for ow in range(ow_n):
+                dst[ow] = src[ow]
+
+
+@_jit()
+def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct):
+    """Any stride: y = [W | b] @ [im2col; 1], straight into y."""
+    o = wb.shape[0]
+    ckk1 = wb.shape[1]
+    ln = oh_n * ow_n
+    im2col(xn, k, s, p, oh_n, ow_n, ct)
+    gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yn, ln)
 
 
 @_jit(parallel=True)
-def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols, xpad, ypad):
-    """y[n] (O x L) = [W | b] (O x CKK+1) @ [cols(x[n]); 1], one image at a time per worker.
-
-    Stride 1 uses ``shift_cols`` and compacts the GEMM's padded-width rows into y;
-    other strides use the plain ``im2col`` and GEMM straight into y."""
+def conv2d_forward_s1(x, wb, k, p, oh_n, ow_n, y, cols, xpad, ypad):
+    """y[n] (O x L) = [W | b] (O x CKK+1) @ [cols(x[n]); 1], stride 1, one image at a time
+    per worker. (Separate kernels per stride kind: each compiles only when used.)"""
     n_img = x.shape[0]
     workers = cols.shape[0]
     ckk = wb.shape[1] - 1
     for t in prange(workers):
         _fill(cols[t, ckk], 1.0)
         for n in range(t * n_img // workers, (t + 1) * n_img // workers):
-            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t])
+            _conv_fwd_image_s1(x[n], wb, k, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t])
+
+
+@_jit(parallel=True)
+def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols):
+    """As ``conv2d_forward_s1`` for any stride, with the plain im2col."""
+    n_img = x.shape[0]
+    workers = cols.shape[0]
+    ckk = wb.shape[1] - 1
+    for t in prange(workers):
+        _fill(cols[t, ckk], 1.0)
+        for n in range(t * n_img // workers, (t + 1) * n_img // workers):
+            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t])
 
 
 @_jit()
-def _conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct, xp,
-                    dt):
-    """One image's share: dwc ((CKK+1) x O) += [cols; 1] @ dy^T (the last row is db),
-    dxn = col2im(W^T @ dy) if need_dx."""
+def _conv_bwd_image_s1(xn, dyn, w2, k, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct, xp,
+                       dt):
+    """One image's share, stride 1: dwc ((CKK+1) x O) += [cols; 1] @ dy^T (the last row
+    is db), dxn = col2im(W^T @ dy) if need_dx; dy is laid out on the padded width (dt),
+    whose garbage columns stay 0."""
     o = w2.shape[0]
     ckk = w2.shape[1]
-    if s == 1:
-        wp = xn.shape[2] + 2 * p
-        ln = oh_n * wp
-        for oc in range(o):  # dy on the padded width; the garbage columns stay 0
-            for oh in range(oh_n):
-                src = dyn[oc, oh * ow_n:]
-                dst = dt[oc, oh * wp:]
-                for ow in range(ow_n):
-                    dst[ow] = src[ow]
-        shift_cols(xn, k, p, oh_n, wp, xp, ct)
-        src = dt
-    else:
-        ln = oh_n * ow_n
-        im2col(xn, k, s, p, oh_n, ow_n, ct)
-        src = dyn
-    gemm(N_, T_, ckk + 1, o, ln, 1.0, ct, ln, src, ln, 0.0 if first else 1.0, dwc, o)
+    wp = xn.shape[2] + 2 * p
+    ln = oh_n * wp
+    for oc in range(o):
+        for oh in range(oh_n):
+            src = dyn[oc, oh * ow_n:]
+            dst = dt[oc, oh * wp:]
+            for ow in range(ow_n):
+                dst[ow] = src[ow]
+    shift_cols(xn, k, p, oh_n, wp, xp, ct)
+    gemm(N_, T_, ckk + 1, o, ln, 1.0, ct, ln, dt, ln, 0.0 if first else 1.0, dwc, o)
     if need_dx:
-        gemm(T_, N_, ckk, ln, o, 1.0, w2, ckk, src, ln, 0.0, dct, ln)
-        if s == 1:
-            shift_col2im(dct, k, p, oh_n, xn.shape[2] + 2 * p, xp, dxn)
-        else:
-            col2im(dct, k, s, p, oh_n, ow_n, dxn)
+        gemm(T_, N_, ckk, ln, o, 1.0, w2, ckk, dt, ln, 0.0, dct, ln)
+        shift_col2im(dct, k, p, oh_n, wp, xp, dxn)
+
+
+@_jit()
+def _conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct):
+    """As ``_conv_bwd_image_s1`` for any stride, with the plain im2col / col2im."""
+    o = w2.shape[0]
+    ckk = w2.shape[1]
+    ln = oh_n * ow_n
+    im2col(xn, k, s, p, oh_n, ow_n, ct)
+    gemm(N_, T_, ckk + 1, o, ln, 1.0, ct, ln, dyn, ln, 0.0 if first else 1.0, dwc, o)
+    if need_dx:
+        gemm(T_, N_, ckk, ln, o, 1.0, w2, ckk, dyn, ln, 0.0, dct, ln)
+        col2im(dct, k, s, p, oh_n, ow_n, dxn)
 
 
 @_jit()
@@ -311,8 +332,8 @@ def _zero2(a):
 
 
 @_jit(parallel=True)
-def conv2d_backward(x, dy, w2, k, s, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, need_dx, dx,
-                    cols, dcols, xpad, dyp):
+def conv2d_backward_s1(x, dy, w2, k, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, need_dx, dx,
+                       cols, dcols, xpad, dyp):
     """Per fixed batch chunk c: dwp[c] = sum_n [cols[n]; 1] @ dy[n]^T ((CKK+1) x O, the
     last row is db); dx[n] = col2im(W^T @ dy[n]). Workers own whole chunks; im2col is
     recomputed here (cheaper than keeping the batch's columns from the forward pass)."""
@@ -320,13 +341,27 @@ def conv2d_backward(x, dy, w2, k, s, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, ne
     ckk = w2.shape[1]
     for t in prange(workers):
         _fill(cols[t, ckk], 1.0)
-        if s == 1:
-            _zero2(dyp[t])
+        _zero2(dyp[t])
+        for c in range(worker_lo[t], worker_lo[t + 1]):
+            for n in range(chunk_lo[c], chunk_lo[c + 1]):
+                _conv_bwd_image_s1(x[n], dy[n], w2, k, p, oh_n, ow_n, n == chunk_lo[c],
+                                   dwp[c], need_dx, dx[n if need_dx else 0], cols[t],
+                                   dcols[t], xpad[t], dyp[t])
+
+
+@_jit(parallel=True)
+def conv2d_backward(x, dy, w2, k, s, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, need_dx, dx,
+                    cols, dcols):
+    """As ``conv2d_backward_s1`` for any stride, with the plain im2col / col2im."""
+    workers = cols.shape[0]
+    ckk = w2.shape[1]
+    for t in prange(workers):
+        _fill(cols[t, ckk], 1.0)
         for c in range(worker_lo[t], worker_lo[t + 1]):
             for n in range(chunk_lo[c], chunk_lo[c + 1]):
                 _conv_bwd_image(x[n], dy[n], w2, k, s, p, oh_n, ow_n, n == chunk_lo[c],
                                 dwp[c], need_dx, dx[n if need_dx else 0], cols[t],
-                                dcols[t], xpad[t], dyp[t])
+                                dcols[t])
 
 
 @_jit(parallel=True)
