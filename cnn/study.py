@@ -227,6 +227,8 @@ def write_summary(results: Path | None = None, out: Path | None = None, twin: bo
     folder = Path(results) if results is not None else S.results_dir()
     data = S.build_summary(folder, twin=twin)
     S.write_summary(data, Path(out) if out is not None else folder / "summary.json")
+    if results is None and out is None:  # the study's own results: keep the README's table
+        S.update_readme(data, S.project_root() / "README.md")
     return data
 
 

@@ -1295,6 +1295,46 @@ def headline_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+README_START = "<!-- headlines:start (generated from results/summary.json by cnn.summary) -->"
+README_END = "<!-- headlines:end -->"
+
+
+def readme_table(summary: Mapping[str, Any]) -> str:
+    """The headline numbers as a Markdown table, each with where it was measured."""
+    rows = ["| headline | value | measured on | source |", "| --- | ---: | --- | --- |"]
+    for key, v in summary["headlines"].items():
+        label = v.get("label") or HEADLINES.get(key, key)
+        if v["status"] == MEASURED:
+            scale = f", {v['scale']} scale" if v.get("scale") else ""
+            rows.append(f"| {label} | {v['text']} | {v['host']} ({v['device']}{scale}) | "
+                        f"`{v['source']}` |")
+        else:
+            rows.append(f"| {label} | not measured | | {v['reason']} |")
+    return "\n".join(rows)
+
+
+def update_readme(summary: Mapping[str, Any], readme: str | os.PathLike) -> bool:
+    """Rewrite the README's headline block from the summary; False if it has no markers.
+
+    The README quotes the results, so it is regenerated with them and cannot drift.
+    """
+    from cnn.io import atomic_write
+
+    path = Path(readme)
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    block = f"{README_START}\n{readme_table(summary)}\n{README_END}"
+    new = text[:start] + block + text[end + len(README_END):]
+    if new != text:
+        with atomic_write(path, "w") as fh:
+            fh.write(new)
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cnn.summary",
                                 description=__doc__.split("\n\nColumn names")[0],
@@ -1318,6 +1358,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = build_summary(folder, args.images_dir, twin=not args.no_twin)
     out = Path(args.out) if args.out else folder / "summary.json"
     write_summary(summary, out)
+    if args.results_dir is None and args.out is None:  # the study's own results
+        update_readme(summary, project_root() / "README.md")
     c = summary["counts"]
     print(f"wrote {out}: {c['measured']} headline(s) measured, {c['not_measured']} not measured")
     if args.show:
@@ -1325,10 +1367,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["HEADLINES", "accuracy_rows", "build_summary", "comm_rows", "conclusions",
-           "costmodel_frames", "cpu_rows", "cpu_samples_frame", "gpu_rows", "headline_table",
-           "load_frames", "main", "project_root", "results_dir", "speedup_frame",
-           "throughput_rows", "whole_runs", "write_summary"]
+__all__ = [
+    "HEADLINES", "README_END", "README_START", "accuracy_rows", "build_summary", "comm_rows",
+    "conclusions", "costmodel_frames", "cpu_rows", "cpu_samples_frame", "gpu_rows",
+    "headline_table", "load_frames", "main", "project_root", "readme_table", "results_dir",
+    "speedup_frame", "throughput_rows", "update_readme", "whole_runs", "write_summary",
+]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -313,3 +313,21 @@ def test_study_cli_help():
         proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_readme_headline_block_is_regenerated(tmp_path):
+    from cnn import summary as S
+
+    summary = {"headlines": {
+        "baseline_accuracy": {"status": "measured", "text": "92.14%", "host": "h",
+                              "device": "cpu", "source": "results/b.pkl", "label": "Acc"},
+        "gpu_throughput": {"status": "not measured", "reason": "no GPU", "label": "GPU"}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\n{S.README_START}\nold table\n{S.README_END}\n\nrest\n")
+    assert S.update_readme(summary, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("rest\n")
+    assert "| Acc | 92.14% | h (cpu) | `results/b.pkl` |" in text
+    assert "| GPU | not measured | | no GPU |" in text
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert not S.update_readme(summary, tmp_path / "plain.md")
