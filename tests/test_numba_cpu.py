@@ -54,7 +54,8 @@ def threads(request):
 def _conv_cases(count=14, seed=0):
     rng = np.random.default_rng(seed)
     cases = [(1, 3, 32, 32, 8, 3, 1, 0), (2, 1, 8, 8, 4, 3, 1, 1), (1, 2, 7, 5, 3, 3, 2, 1),
-             (3, 4, 9, 6, 5, 1, 1, 0), (2, 2, 6, 7, 3, 5, 2, 2), (1, 1, 3, 3, 2, 3, 1, 0)]
+             (3, 4, 9, 6, 5, 1, 1, 0), (2, 2, 6, 7, 3, 5, 2, 2), (1, 1, 3, 3, 2, 3, 1, 0),
+             (1, 1, 7, 6, 12, 3, 1, 1)]  # stride 1, C*k*k < O: the plain im2col path
     while len(cases) < count:
         k = int(rng.choice([1, 2, 3, 5]))
         p = int(rng.integers(0, 3))

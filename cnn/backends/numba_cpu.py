@@ -292,16 +292,24 @@ def _kernels():
     return K
 
 
-def _conv_scratch(t, x_shape, o, k, s, p, oh, ow, dtype):
-    """Per-worker im2col columns, padded-input plane and GEMM-output rows.
+def _shift(x_shape, w_shape, s: int) -> bool:
+    """Use the shift im2col (padded width) for this stride-1 layer? It makes the column
+    copies cheap (one contiguous copy per row) but costs two O x L copies per image (drop
+    the garbage columns of y, pad dy) and (k-1)/Wp more GEMM work; measured: a win for
+    conv2 of the seed CNN (C*k*k = 288 >= O = 64, +1-3%), a loss for conv1 (27 < 32, -3%)."""
+    o, c, k, _ = w_shape
+    return s == 1 and c * k * k >= o
 
-    Stride 1 works on the padded width (``shift_cols``): rows of OH*Wp columns."""
+
+def _conv_scratch(t, x_shape, o, k, shift, p, oh, ow, dtype):
+    """Per-worker im2col columns (+ a row of ones: the bias), and for the shift layout
+    (rows of OH*Wp columns) the padded input plane and the padded-width GEMM output."""
     n, c, h, w = x_shape
     wp = w + 2 * p
-    ln = oh * wp if s == 1 else oh * ow
-    cols = _buf("cols", (t, c * k * k + 1, ln), dtype)  # + a row of ones (the bias)
-    xpad = _buf("xpad", (t, c, (h + 2 * p) * wp) if (s == 1 and p) else (t, 0, 0), dtype)
-    ypad = _buf("ypad", (t, o, ln) if s == 1 else (t, 0, 0), dtype)
+    ln = oh * wp if shift else oh * ow
+    cols = _buf("cols", (t, c * k * k + 1, ln), dtype)
+    xpad = _buf("xpad", (t, c, (h + 2 * p) * wp) if (shift and p) else (t, 0, 0), dtype)
+    ypad = _buf("ypad", (t, o, ln) if shift else (t, 0, 0), dtype)
     return cols, xpad, ypad
 
 
@@ -324,11 +332,12 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     ow = (wd + 2 * p - k) // s + 1
     t = min(_team(n * o * c * k * k * oh * ow / 16), n)
     y = _out((n, o, oh, ow), x.dtype)
-    cols, xpad, ypad = _conv_scratch(t, x.shape, o, k, s, p, oh, ow, x.dtype)
+    shift = _shift(x.shape, w.shape, s)
+    cols, xpad, ypad = _conv_scratch(t, x.shape, o, k, shift, p, oh, ow, x.dtype)
     wb = _buf("wb", (o, c * k * k + 1), x.dtype)
     wb[:, :-1] = w.reshape(o, c * k * k)
     wb[:, -1] = b
-    if s == 1:
+    if shift:
         _run(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow), cols,
              xpad, ypad)
     else:
@@ -355,7 +364,8 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     t = min(_team(n * o * c * k * k * oh * ow / (8 if need_dx else 16)), nch)
     ckk = c * k * k
     dwp = _buf("dwp", (nch, ckk + 1, o), x.dtype)
-    cols, xpad, dyp = _conv_scratch(t, x.shape, o, k, s, p, oh, ow, x.dtype)
+    shift = _shift(x.shape, w.shape, s)
+    cols, xpad, dyp = _conv_scratch(t, x.shape, o, k, shift, p, oh, ow, x.dtype)
     if need_dx:
         dx = _out(x.shape, x.dtype)
         dcols = _buf("dcols", cols.shape, x.dtype)
@@ -364,7 +374,7 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
         dcols = np.empty((0, 0, 0), x.dtype)
     args = (x, dy.reshape(n, o, oh * ow), w.reshape(o, ckk))
     parts = (_bounds(n, nch), _bounds(nch, t), dwp, bool(need_dx), dx, cols, dcols)
-    if s == 1:
+    if shift:
         _run(t, K.conv2d_backward_s1, *args, k, p, oh, ow, *parts, xpad, dyp)
     else:
         _run(t, K.conv2d_backward, *args, k, s, p, oh, ow, *parts)
