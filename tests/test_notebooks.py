@@ -1,7 +1,9 @@
-"""Notebooks 01 and 06 run top to bottom at scale="quick" with a real kernel, without errors.
+"""Every notebook runs top to bottom at scale="quick" with a real kernel, without errors.
 
 They run from a temporary copy, with figures going to a temporary images folder
-(``$CNN_IMAGES_DIR``), so the committed notebooks and images/ stay untouched.
+(``$CNN_IMAGES_DIR``) and results to a temporary copy of results/
+(``$CNN_RESULTS_DIR``), so the committed notebooks, images/ and results/ stay
+untouched: "open it and rerun the cells" is tested, not assumed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ papermill = pytest.importorskip("papermill")
 ROOT = project_root()
 
 
-def run(name: str, tmp_path, monkeypatch, results=None) -> nbformat.NotebookNode:
+def run(name: str, tmp_path, monkeypatch, results=None, **params) -> nbformat.NotebookNode:
     src = ROOT / "notebooks" / name
     if not src.is_file():
         pytest.skip(f"{src} not built yet")
@@ -30,7 +32,7 @@ def run(name: str, tmp_path, monkeypatch, results=None) -> nbformat.NotebookNode
     if results is not None:
         monkeypatch.setenv("CNN_RESULTS_DIR", str(results))
     out = work / f"out_{name}"
-    papermill.execute_notebook(str(work / name), str(out), parameters={"scale": "quick"},
+    papermill.execute_notebook(str(work / name), str(out), parameters={"scale": "quick", **params},
                                cwd=str(work), progress_bar=False, kernel_name="python3")
     nb = nbformat.read(out, as_version=4)
     errors = [(i, c.source.splitlines()[0] if c.source else "")
@@ -65,3 +67,24 @@ def test_06_speedup_summary_quick_every_part(tmp_path, monkeypatch):
     made = {p.stem for p in (tmp_path / "images").glob("*.pdf")}
     assert {"summary_speedup", "summary_throughput", "summary_accuracy", "summary_comm",
             "summary_costmodel", "summary_amdahl", "summary_gpu", "summary_cpu"} <= made
+
+
+def results_copy(tmp_path):
+    """A scratch copy of the committed results: what the notebooks read, where they write."""
+    dst = tmp_path / "results"
+    shutil.copytree(ROOT / "results", dst)
+    return dst
+
+
+@pytest.mark.parametrize("name, params", [
+    ("02_numba_cpu.ipynb", {}),
+    ("03_numba_cuda.ipynb", {}),
+    ("04_mpi_data_parallel.ipynb", {"hybrid": False}),
+    ("05_async_hogwild_kfold.ipynb", {}),
+])
+def test_measuring_notebooks_quick(name, params, tmp_path, monkeypatch):
+    before = {p.name: p.stat().st_mtime for p in (ROOT / "results").glob("*.pkl")}
+    run(name, tmp_path, monkeypatch, results=results_copy(tmp_path), **params)
+    assert list((tmp_path / "images").glob("*.png")), "a notebook that measures draws figures"
+    after = {p.name: p.stat().st_mtime for p in (ROOT / "results").glob("*.pkl")}
+    assert after == before, "quick runs must not touch the committed results"

@@ -557,9 +557,9 @@ class Runner:
 
 #: Sizes of the scaling and accuracy experiments (notebook 04, scripts/mpi_scaling.py).
 SCALES: dict[str, dict[str, Any]] = {
-    # minutes on 2 busy cores: few steps, small splits
-    "quick": dict(subset=2048, test_subset=500, steps=8, acc_subset=4096, acc_test=1000,
-                  acc_epochs=2, max_ranks=3),
+    # a smoke run for the test suite (about a minute on 2 cores): every code path, no numbers
+    "quick": dict(subset=1024, test_subset=256, steps=4, acc_subset=1024, acc_test=256,
+                  acc_epochs=1, max_ranks=2),
     # the measurements behind the study's numbers: enough steps for stable medians
     "standard": dict(subset=16384, test_subset=2000, steps=40, acc_subset=None,
                      acc_test=None, acc_epochs=3, max_ranks=None),
