@@ -32,6 +32,7 @@ import threading
 
 import numpy as np
 
+from cnn.backends import _numba_kernels as K
 from cnn.errors import BackendUnavailable, ShapeError
 
 NAME = "numba"
@@ -52,6 +53,8 @@ _POOL_PER_SHAPE = 6
 LIFO = True
 
 _blas_limiter = None
+_get_threads = None
+_set_threads = None
 _scratch = threading.local()
 
 
@@ -68,8 +71,6 @@ def _cache_dir_problem() -> str | None:
         except OSError as exc:
             return (f"NUMBA_CACHE_DIR={path!r} is not a writable folder ({exc.strerror or exc}); "
                     "point NUMBA_CACHE_DIR at a writable folder or unset it")
-    from cnn.backends import _numba_kernels as K
-
     if K.CACHE_ERROR:
         return (f"Numba cannot cache compiled kernels here ({K.CACHE_ERROR}); set "
                 "NUMBA_CACHE_DIR to a writable folder")
@@ -97,7 +98,9 @@ def max_threads() -> int:
 
 
 def configure(threads: int | None = None) -> int:
-    """Use ``threads`` Numba threads (default: all); pin BLAS to 1 thread. Returns the count."""
+    """Use ``threads`` Numba threads (default: all); pin BLAS to 1 thread. Returns the count.
+
+    Like ``numba.set_num_threads`` the count is per calling (Python) thread."""
     global _blas_limiter
     import numba
 
@@ -122,13 +125,13 @@ def configure(threads: int | None = None) -> int:
         _blas_limiter = threadpool_limits(limits=1, user_api="blas")
         _warm_blas()
     numba.set_num_threads(threads)
+    if _get_threads is None:
+        _bind_thread_count_accessors()
     return threads
 
 
 def _warm_blas() -> None:
     """Numba resolves sgemm/dgemm lazily, taking the GIL: do it once, outside prange."""
-    from cnn.backends import _numba_kernels as K
-
     for dt in (np.float32, np.float64):
         a = np.ones((2, 2), dt)
         c = np.zeros((2, 2), dt)
@@ -136,11 +139,12 @@ def _warm_blas() -> None:
 
 
 def _threads() -> int:
-    import numba
+    """The calling thread's numba thread count (configuring the backend on first use)."""
+    if _get_threads is None:
+        import numba
 
-    if _blas_limiter is None:
         configure(numba.get_num_threads())
-    return numba.get_num_threads()
+    return _get_threads()
 
 
 def _team(work: float) -> int:
@@ -153,16 +157,27 @@ def _team(work: float) -> int:
 
 def _run(team: int, kernel, *args):
     """``kernel(*args)`` on ``team`` numba threads (the configured count is restored)."""
-    import numba
-
-    t = numba.get_num_threads()
+    t = _get_threads()
     if team >= t:
         return kernel(*args)
-    numba.set_num_threads(team)
+    _set_threads(team)
     try:
         return kernel(*args)
     finally:
-        numba.set_num_threads(t)
+        _set_threads(t)
+
+
+def _bind_thread_count_accessors() -> None:
+    """numba.get/set_num_threads re-check the thread pool on every call (~4 us, twice per
+    kernel); once it is up, Numba's own ctypes accessors of the same thread-local value
+    are used directly (the public functions where this Numba lacks them)."""
+    global _get_threads, _set_threads
+    import numba
+    from numba.np.ufunc import parallel
+
+    numba.get_num_threads()  # launches the pool
+    _get_threads = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
+    _set_threads = getattr(parallel, "_set_num_threads", None) or numba.set_num_threads
 
 
 def _out(shape, dtype) -> np.ndarray:
@@ -286,12 +301,6 @@ def synchronize() -> None:
 
 # --- convolution ---------------------------------------------------------------------
 
-def _kernels():
-    from cnn.backends import _numba_kernels as K
-
-    return K
-
-
 def _shift(x_shape, w_shape, s: int) -> bool:
     """Use the shift im2col (padded width) for this stride-1 layer? It makes the column
     copies cheap (one contiguous copy per row) but costs two O x L copies per image (drop
@@ -315,7 +324,6 @@ def _conv_scratch(t, x_shape, o, k, shift, p, oh, ow, dtype):
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """NCHW cross-correlation; ``ctx`` keeps the input (im2col is recomputed in backward)."""
-    K = _kernels()
     x = _arr("x", x, 4)
     w = _arr("w", w, 4, x.dtype)
     b = _arr("b", b, 1, x.dtype)
@@ -346,7 +354,6 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
 
 
 def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
-    K = _kernels()
     x, s, p = ctx
     dy = _arr("dy", dy, 4, x.dtype)
     w = _arr("w", w, 4, x.dtype)
@@ -386,7 +393,6 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
 
 def maxpool2d_forward(x, k: int, s: int):
     """Max pooling (floor mode); ties go to the first window offset, as in torch."""
-    K = _kernels()
     x = _arr("x", x, 4)
     k = _pos_int("kernel_size", k)
     s = _pos_int("stride", s)
@@ -401,7 +407,6 @@ def maxpool2d_forward(x, k: int, s: int):
 
 
 def maxpool2d_backward(dy, ctx):
-    K = _kernels()
     arg, x_shape, k, s = ctx
     dy = _arr("dy", dy, 4)
     _shape("dy", dy, arg.shape)
@@ -417,7 +422,7 @@ def maxpool2d_backward(dy, ctx):
 def relu_forward(x):
     x = _arr("x", x)
     y = _out(x.shape, x.dtype)
-    _run(_team(x.size), _kernels().relu_forward, x.reshape(-1), y.reshape(-1))
+    _run(_team(x.size), K.relu_forward, x.reshape(-1), y.reshape(-1))
     return y, y
 
 
@@ -426,7 +431,7 @@ def relu_backward(dy, y):
     dy = _arr("dy", dy, dtype=y.dtype)
     _shape("dy", dy, y.shape)
     dx = _out(dy.shape, dy.dtype)
-    _run(_team(dy.size), _kernels().relu_backward, dy.reshape(-1), y.reshape(-1),
+    _run(_team(dy.size), K.relu_backward, dy.reshape(-1), y.reshape(-1),
          dx.reshape(-1))
     return dx
 
@@ -434,7 +439,7 @@ def relu_backward(dy, y):
 def sigmoid_forward(x):
     x = _arr("x", x)
     y = _out(x.shape, x.dtype)
-    _run(_team(x.size), _kernels().sigmoid_forward, x.reshape(-1), y.reshape(-1))
+    _run(_team(x.size), K.sigmoid_forward, x.reshape(-1), y.reshape(-1))
     return y, y
 
 
@@ -443,7 +448,7 @@ def sigmoid_backward(dy, y):
     dy = _arr("dy", dy, dtype=y.dtype)
     _shape("dy", dy, y.shape)
     dx = _out(dy.shape, dy.dtype)
-    _run(_team(dy.size), _kernels().sigmoid_backward, dy.reshape(-1), y.reshape(-1),
+    _run(_team(dy.size), K.sigmoid_backward, dy.reshape(-1), y.reshape(-1),
          dx.reshape(-1))
     return dx
 
@@ -451,7 +456,6 @@ def sigmoid_backward(dy, y):
 # --- dense ---------------------------------------------------------------------------
 
 def dense_forward(x, w, b):
-    K = _kernels()
     x = _arr("x", x, 2)
     w = _arr("w", w, 2, x.dtype)
     b = _arr("b", b, 1, x.dtype)
@@ -465,7 +469,6 @@ def dense_forward(x, w, b):
 
 
 def dense_backward(dy, x, w, dw, db, need_dx: bool):
-    K = _kernels()
     x = _arr("x", x, 2)
     dy = _arr("dy", dy, 2, x.dtype)
     w = _arr("w", w, 2, x.dtype)
@@ -495,7 +498,7 @@ def softmax_cross_entropy(logits, labels):
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ShapeError(f"labels must lie in [0, {logits.shape[1]})")
     grad = np.empty_like(logits)
-    loss = _kernels().softmax_cross_entropy(
+    loss = K.softmax_cross_entropy(
         logits, np.ascontiguousarray(labels, dtype=np.int64), grad)
     return float(loss), grad
 
@@ -519,7 +522,7 @@ def sgd_update(params, grads, velocity, lr: float, momentum: float, dampening: f
     else:
         params, grads = _flat_triplet(params, grads)
         velocity = params  # unused by the kernel when momentum == 0
-    _run(_team(params.size), _kernels().sgd_update, params, grads, velocity, float(lr),
+    _run(_team(params.size), K.sgd_update, params, grads, velocity, float(lr),
          float(momentum), float(dampening), float(weight_decay), bool(nesterov),
          bool(first_step))
 
@@ -530,5 +533,5 @@ def adam_update(params, grads, m, v, lr: float, beta1: float, beta2: float, eps:
     step = _pos_int("step", step)
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
-    _run(_team(params.size), _kernels().adam_update, params, grads, m, v, float(lr / bc1),
+    _run(_team(params.size), K.adam_update, params, grads, m, v, float(lr / bc1),
          float(beta1), float(beta2), float(eps), float(weight_decay), float(np.sqrt(bc2)))
