@@ -282,6 +282,8 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
         if rc is not None:
             with contextlib.suppress(Exception):  # best effort while tearing down
                 rc.abort()  # drop whatever is still queued
+                # engines first: stop_cluster alone leaves ipyparallel's engine nannies behind
+                rc.shutdown(targets="all", hub=False, block=True)
             rc.close()
         try:
             cluster.stop_cluster_sync()
