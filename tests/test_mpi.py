@@ -27,6 +27,17 @@ from cnn.parallel.mpi import (
 from cnn.train import main as train_main
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_shm_segments():
+    """A rank killed or aborted on purpose cannot unlink MPICH's shared-memory segment;
+    the test that caused it removes what it left, so a test run leaves /dev/shm clean."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()
+    yield
+    for seg in (set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()) - before:
+        seg.unlink(missing_ok=True)
+
+
 def _mpiexec() -> str | None:
     here = Path(sys.executable).parent / "mpiexec"
     return str(here) if here.exists() else shutil.which("mpiexec")
