@@ -1,13 +1,18 @@
 """Scratch micro-benchmark for the numba backend (issue 3): full training steps, side by side.
 
-    python benchmarks/kernels_numba.py [--batch 128] [--rounds 5] [--reps 10] [--only numba1,torch1]
+    python benchmarks/kernels_numba.py [--batch 128] [--rounds 5] [--reps 10] [--quiet 0.9]
+                                       [--only numba1,numba2,torch1,torch2,numpy,fused1,fused2]
 
 Runs numba (1 and 2 threads), torch (1 and 2 threads, same net via cnn.twin.torch_twin)
 and the numpy reference on the seed CNN, CIFAR shape, one training step = loss_and_grad
-+ SGD-momentum update. Variants are interleaved round-robin in one process (the machine
-is shared, so timings drift); each round times ``reps`` steps per variant after warm-up
-(JIT compile excluded). Reports the median over all steps of wall time and of process
-CPU time (CPU time is immune to being descheduled; at 1 thread it is the kernel cost).
++ SGD-momentum update. ``fused1/2``: the numba step hand-wired through the fused
+Conv+ReLU forward and ReLU+MaxPool backward kernels (not what ``Network`` does today).
+
+Variants are interleaved round-robin in one process (the machine is shared, so timings
+drift); each round times ``reps`` steps per variant after warm-up (JIT compile excluded);
+``--quiet f`` waits before each round until a fraction f of the CPUs is idle. Reports
+the median over all steps of wall time and of process CPU time (CPU time is immune to
+being descheduled; at 1 thread it is the kernel cost).
 """
 
 from __future__ import annotations
@@ -77,6 +82,31 @@ def main() -> None:
             nb.backend.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
         return f
 
+    def fused_step(t):
+        """The same step hand-wired through the fused kernels (conv2d_relu_forward,
+        maxpool2d_relu_backward): what the Network would get with the proposed change."""
+        B, P, G = nb.backend, nb._pviews, nb._gviews
+
+        def f():
+            numba.set_num_threads(t)
+            r1, c0 = B.conv2d_relu_forward(x, P[0]["weight"], P[0]["bias"], 1, 0)
+            p1, c2 = B.maxpool2d_forward(r1, 2, 2)
+            r2, c3 = B.conv2d_relu_forward(p1, P[3]["weight"], P[3]["bias"], 1, 0)
+            p2, c5 = B.maxpool2d_forward(r2, 2, 2)
+            h, c7 = B.dense_forward(p2.reshape(n, -1), P[7]["weight"], P[7]["bias"])
+            hr, c8 = B.relu_forward(h)
+            z, c9 = B.dense_forward(hr, P[9]["weight"], P[9]["bias"])
+            _, d = B.softmax_cross_entropy(z, y)
+            d = B.dense_backward(d, c9, P[9]["weight"], G[9]["weight"], G[9]["bias"], True)
+            d = B.relu_backward(d, c8)
+            d = B.dense_backward(d, c7, P[7]["weight"], G[7]["weight"], G[7]["bias"], True)
+            d = B.maxpool2d_relu_backward(d.reshape(p2.shape), c5)
+            d = B.conv2d_backward(d, c3, P[3]["weight"], G[3]["weight"], G[3]["bias"], True)
+            d = B.maxpool2d_relu_backward(d, c2)
+            B.conv2d_backward(d, c0, P[0]["weight"], G[0]["weight"], G[0]["bias"], False)
+            B.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
+        return f
+
     def torch_step(t):
         def f():
             torch.set_num_threads(t)
@@ -91,7 +121,8 @@ def main() -> None:
         npn.backend.sgd_update(npn.params, npn.grads, npvel, 0.01, 0.9, 0.0, 0.0, False, False)
 
     variants = {"numba1": numba_step(1), "numba2": numba_step(2), "torch1": torch_step(1),
-                "torch2": torch_step(2), "numpy": numpy_step}
+                "torch2": torch_step(2), "numpy": numpy_step, "fused1": fused_step(1),
+                "fused2": fused_step(2)}
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     wall = {k: [] for k in variants}

@@ -135,6 +135,27 @@ def test_elementwise_dense_and_loss_match_reference(threads):
     close(g1, g0, what="softmax grad")
 
 
+@pytest.mark.parametrize("case", [(2, 3, 9, 8, 5, 3, 1, 1, 2, 2), (1, 2, 11, 7, 4, 3, 2, 0, 3, 1),
+                                  (3, 1, 8, 8, 12, 3, 1, 1, 2, 2)])
+def test_fused_kernels_equal_the_unfused_pair(case, threads):
+    """conv2d_relu_forward == relu(conv) and maxpool2d_relu_backward == relu_bwd(pool_bwd),
+    bit for bit (the extra kernels a Network may use for Conv-ReLU-MaxPool)."""
+    n, c, h, w, o, k, s, p, pk, ps = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    y, _ = NB.conv2d_forward(x, wt, b, s, p)
+    r, rctx = NB.relu_forward(y)
+    r = r.copy()
+    rf, _ = NB.conv2d_relu_forward(x, wt, b, s, p)
+    np.testing.assert_array_equal(rf, r)
+    pooled, pctx = NB.maxpool2d_forward(r, pk, ps)
+    dy = rng.standard_normal(pooled.shape).astype(np.float32)
+    expect = NB.relu_backward(NB.maxpool2d_backward(dy, pctx), r).copy()
+    np.testing.assert_array_equal(NB.maxpool2d_relu_backward(dy, pctx), expect)
+
+
 # --- whole networks: logits, loss, gradients, one SGD and one Adam step ----------------
 
 def _nets():

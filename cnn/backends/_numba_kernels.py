@@ -236,35 +236,53 @@ def _fill(a, v):
 
 
 @_jit()
-def _conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp):
+def _conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp, relu):
     """Stride 1: y = [W | b] @ [shift_cols; 1] on the padded width, then the garbage
-    columns are dropped while copying into y. The bias rides in the GEMM (row of ones)."""
+    columns are dropped while copying into y (applying the ReLU there if ``relu``).
+    The bias rides in the GEMM (row of ones)."""
     o = wb.shape[0]
     ckk1 = wb.shape[1]
     wp = xn.shape[2] + 2 * p
     ln = oh_n * wp
+    zero = yn.dtype.type(0)
     shift_cols(xn, k, p, oh_n, wp, xp, ct)
     gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yp, ln)
     for oc in range(o):
         for oh in range(oh_n):
             src = yp[oc, oh * wp:]
             dst = yn[oc, oh * ow_n:]
-            for ow in range(ow_n):
-                dst[ow] = src[ow]
+            if relu:
+                for ow in range(ow_n):
+                    v = src[ow]
+                    dst[ow] = v if not v <= zero else zero
+            else:
+                for ow in range(ow_n):
+                    dst[ow] = src[ow]
 
 
 @_jit()
-def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct):
-    """Any stride: y = [W | b] @ [im2col; 1], straight into y."""
+def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, relu):
+    """Any stride: y = [W | b] @ [im2col; 1], straight into y (then ReLU'd in place while
+    still in cache, if ``relu``)."""
     o = wb.shape[0]
     ckk1 = wb.shape[1]
     ln = oh_n * ow_n
     im2col(xn, k, s, p, oh_n, ow_n, ct)
     gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yn, ln)
+    if relu:
+        _relu_inplace(yn.reshape(-1))
+
+
+@_jit()
+def _relu_inplace(a):
+    zero = a.dtype.type(0)
+    for i in range(a.size):
+        v = a[i]
+        a[i] = v if not v <= zero else zero
 
 
 @_jit(parallel=True)
-def conv2d_forward_s1(x, wb, k, p, oh_n, ow_n, y, cols, xpad, ypad):
+def conv2d_forward_s1(x, wb, k, p, oh_n, ow_n, y, cols, xpad, ypad, relu):
     """y[n] (O x L) = [W | b] (O x CKK+1) @ [cols(x[n]); 1], stride 1, one image at a time
     per worker. (Separate kernels per stride kind: each compiles only when used.)"""
     n_img = x.shape[0]
@@ -273,11 +291,12 @@ def conv2d_forward_s1(x, wb, k, p, oh_n, ow_n, y, cols, xpad, ypad):
     for t in prange(workers):
         _fill(cols[t, ckk], 1.0)
         for n in range(t * n_img // workers, (t + 1) * n_img // workers):
-            _conv_fwd_image_s1(x[n], wb, k, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t])
+            _conv_fwd_image_s1(x[n], wb, k, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t],
+                               relu)
 
 
 @_jit(parallel=True)
-def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols):
+def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols, relu):
     """As ``conv2d_forward_s1`` for any stride, with the plain im2col."""
     n_img = x.shape[0]
     workers = cols.shape[0]
@@ -285,7 +304,7 @@ def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols):
     for t in prange(workers):
         _fill(cols[t, ckk], 1.0)
         for n in range(t * n_img // workers, (t + 1) * n_img // workers):
-            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t])
+            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t], relu)
 
 
 @_jit()
@@ -449,29 +468,36 @@ def maxpool2d_forward(x, k, s, y, arg):
 
 
 @_jit()
-def _unpool_plane(dyp, ap, s, offs, dxp):
+def _unpool_plane(dyp, ap, s, offs, dxp, yp, relu):
     """dx = 0, then each dy goes to its window's argmax; ``offs[off]`` = ki*W + kj (a table
-    lookup: an integer division by k per element cost 2x the whole kernel)."""
+    lookup: an integer division by k per element cost 2x the whole kernel). With ``relu``
+    a dy whose pooled value yp is not > 0 is dropped: the preceding ReLU's backward."""
     w = dxp.shape[1]
     oh_n, ow_n = dyp.shape
     df = dxp.reshape(-1)
+    zero = dxp.dtype.type(0)
     for i in range(df.size):
         df[i] = 0
     for oh in range(oh_n):
         g = dyp[oh]
         a = ap[oh]
         row = df[oh * s * w:]
-        for ow in range(ow_n):
-            row[ow * s + offs[a[ow]]] += g[ow]
+        if relu:
+            yr = yp[oh]
+            for ow in range(ow_n):
+                row[ow * s + offs[a[ow]]] += g[ow] if yr[ow] > zero else zero
+        else:
+            for ow in range(ow_n):
+                row[ow * s + offs[a[ow]]] += g[ow]
 
 
 @_jit(parallel=True)
-def maxpool2d_backward(dy, arg, s, offs, dx):
+def maxpool2d_backward(dy, arg, s, offs, dx, y, relu):
     n_img, cin = dy.shape[0], dy.shape[1]
     for pc in prange(n_img * cin):
         n = pc // cin
         c = pc - n * cin
-        _unpool_plane(dy[n, c], arg[n, c], s, offs, dx[n, c])
+        _unpool_plane(dy[n, c], arg[n, c], s, offs, dx[n, c], y[n, c], relu)
 
 
 # --- elementwise (flat views; no reductions, so any split is deterministic) ----------

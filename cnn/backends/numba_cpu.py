@@ -324,6 +324,19 @@ def _conv_scratch(t, x_shape, o, k, shift, p, oh, ow, dtype):
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """NCHW cross-correlation; ``ctx`` keeps the input (im2col is recomputed in backward)."""
+    return _conv_forward(x, w, b, stride, padding, False)
+
+
+def conv2d_relu_forward(x, w, b, stride: int, padding: int):
+    """``relu_forward(conv2d_forward(...))`` in one pass: ``(r, ctx)``, ``r = max(y, 0)``.
+
+    Not part of the reference's kernel set: a fused kernel a Network may use for a
+    Conv2D followed by ReLU (``ctx`` is the conv's; the ReLU's ctx is ``r`` itself, as
+    ``relu_forward`` returns it). Saves the separate ReLU pass over the conv output."""
+    return _conv_forward(x, w, b, stride, padding, True)
+
+
+def _conv_forward(x, w, b, stride, padding, relu: bool):
     x = _arr("x", x, 4)
     w = _arr("w", w, 4, x.dtype)
     b = _arr("b", b, 1, x.dtype)
@@ -347,9 +360,10 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     wb[:, -1] = b
     if shift:
         _run(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow), cols,
-             xpad, ypad)
+             xpad, ypad, relu)
     else:
-        _run(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols)
+        _run(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols,
+             relu)
     return y, (x, s, p)
 
 
@@ -403,17 +417,29 @@ def maxpool2d_forward(x, k: int, s: int):
     y = _out((n, c, oh, ow), x.dtype)
     arg = _out((n, c, oh, ow), np.uint8 if k * k <= 256 else np.int32)
     _run(_team(x.size), K.maxpool2d_forward, x, k, s, y, arg)
-    return y, (arg, x.shape, k, s)
+    return y, (arg, x.shape, k, s, y)
 
 
 def maxpool2d_backward(dy, ctx):
-    arg, x_shape, k, s = ctx
+    return _unpool(dy, ctx, False)
+
+
+def maxpool2d_relu_backward(dy, ctx):
+    """``relu_backward(maxpool2d_backward(dy, ctx), r)`` in one pass, for a max-pool whose
+    input ``r`` is a ReLU's output (so ``r > 0`` at a window's argmax iff the pooled value
+    is > 0). Not part of the reference's kernel set: a fused kernel a Network may use for
+    ReLU followed by MaxPool2D. Saves the separate ReLU-backward pass."""
+    return _unpool(dy, ctx, True)
+
+
+def _unpool(dy, ctx, relu: bool):
+    arg, x_shape, k, s, y = ctx
     dy = _arr("dy", dy, 4)
     _shape("dy", dy, arg.shape)
     dx = _out(x_shape, dy.dtype)
     w = x_shape[3]
     offs = np.array([ki * w + kj for ki in range(k) for kj in range(k)], dtype=np.int64)
-    _run(_team(dx.size), K.maxpool2d_backward, dy, arg, s, offs, dx)
+    _run(_team(dx.size), K.maxpool2d_backward, dy, arg, s, offs, dx, y, relu)
     return dx
 
 
