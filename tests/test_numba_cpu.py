@@ -371,6 +371,22 @@ def test_thread_counts():
     assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
 
 
+def test_blas_is_repinned_to_one_thread_before_each_blas_kernel():
+    """Someone else raising BLAS threads (a benchmark pinning torch's pools, a user's
+    threadpool_limits) must not make every prange thread call a multi-threaded sgemm."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    NB.configure(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        y, _ = NB.conv2d_forward(x, w, b, 1, 1)
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    close(y, REF.conv2d_forward(x, w, b, 1, 1)[0], what="conv forward")
+
+
 def test_pooled_outputs_are_never_shared_with_live_arrays():
     """Outputs are recycled only when nobody holds them: a kept result stays intact."""
     rng = np.random.default_rng(0)

@@ -53,6 +53,7 @@ _POOL_PER_SHAPE = 6
 LIFO = True
 
 _blas_limiter = None
+_blas_libs: list = []  # threadpoolctl controllers of every BLAS loaded at configure()
 _get_threads = None
 _set_threads = None
 _scratch = threading.local()
@@ -120,14 +121,27 @@ def configure(threads: int | None = None) -> int:
             "imported)")
     if _blas_limiter is None:
         import scipy.linalg.cython_blas  # noqa: F401  load the BLAS that numba calls first
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController, threadpool_limits
 
         _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+        _blas_libs[:] = ThreadpoolController().select(user_api="blas").lib_controllers
         _warm_blas()
+    _pin_blas()
     numba.set_num_threads(threads)
     if _get_threads is None:
         _bind_thread_count_accessors()
     return threads
+
+
+def _pin_blas() -> None:
+    """BLAS on 1 thread, checked before every kernel that calls it (~0.5 us per library):
+    something else in the process (a benchmark pinning BLAS to n threads for torch, a
+    user's threadpool_limits) may have raised it, and t prange threads each calling an
+    n-threaded sgemm oversubscribe the cores. Measured: 2 numba threads with BLAS at 2
+    threads made the seed-CNN step ~15x slower (2.6 s instead of ~0.16 s)."""
+    for lib in _blas_libs:
+        if lib.get_num_threads() != 1:
+            lib.set_num_threads(1)
 
 
 def _warm_blas() -> None:
@@ -165,6 +179,12 @@ def _run(team: int, kernel, *args):
         return kernel(*args)
     finally:
         _set_threads(t)
+
+
+def _run_blas(team: int, kernel, *args):
+    """``_run`` for kernels that call BLAS: BLAS is re-pinned to 1 thread first."""
+    _pin_blas()
+    return _run(team, kernel, *args)
 
 
 def _bind_thread_count_accessors() -> None:
@@ -359,10 +379,10 @@ def _conv_forward(x, w, b, stride, padding, relu: bool):
     wb[:, :-1] = w.reshape(o, c * k * k)
     wb[:, -1] = b
     if shift:
-        _run(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow), cols,
+        _run_blas(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow), cols,
              xpad, ypad, relu)
     else:
-        _run(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols,
+        _run_blas(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols,
              relu)
     return y, (x, s, p)
 
@@ -396,9 +416,9 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     args = (x, dy.reshape(n, o, oh * ow), w.reshape(o, ckk))
     parts = (_bounds(n, nch), _bounds(nch, t), dwp, bool(need_dx), dx, cols, dcols)
     if shift:
-        _run(t, K.conv2d_backward_s1, *args, k, p, oh, ow, *parts, xpad, dyp)
+        _run_blas(t, K.conv2d_backward_s1, *args, k, p, oh, ow, *parts, xpad, dyp)
     else:
-        _run(t, K.conv2d_backward, *args, k, s, p, oh, ow, *parts)
+        _run_blas(t, K.conv2d_backward, *args, k, s, p, oh, ow, *parts)
     _run(_team(nch * (ckk + 1) * o), K.reduce_chunks_t, dwp, dw.reshape(o, ckk), db)
     return dx if need_dx else None
 
@@ -490,7 +510,7 @@ def dense_forward(x, w, b):
     _shape("w", w, (o, i))
     _shape("b", b, (o,))
     y = _out((n, o), x.dtype)
-    _run(_team(n * i * o / 16), K.dense_forward, x, w, b, y, _blocks(o))
+    _run_blas(_team(n * i * o / 16), K.dense_forward, x, w, b, y, _blocks(o))
     return y, x
 
 
@@ -507,7 +527,7 @@ def dense_backward(dy, x, w, dw, db, need_dx: bool):
     _shape("dw", dw, (o, i))
     _shape("db", db, (o,))
     dx = _out((n, i), x.dtype) if need_dx else np.empty((1, 1), x.dtype)
-    _run(_team(n * i * o / (8 if need_dx else 16)), K.dense_backward, dy, x, w, dw, db,
+    _run_blas(_team(n * i * o / (8 if need_dx else 16)), K.dense_backward, dy, x, w, dw, db,
          bool(need_dx), dx, _blocks(o), _blocks(i))
     return dx if need_dx else None
 
