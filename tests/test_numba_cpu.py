@@ -398,3 +398,18 @@ def test_pooled_outputs_are_never_shared_with_live_arrays():
     y2, _ = NB.relu_forward(-x)
     np.testing.assert_array_equal(view, keep[1:])
     assert not np.shares_memory(y2, view)
+    del view
+    y3, _ = NB.relu_forward(x)  # now the first buffer is free again: recycled
+    np.testing.assert_array_equal(y3, keep)
+
+
+def test_recycled_outputs_stay_within_the_pool_budget(monkeypatch):
+    monkeypatch.setattr(NB, "POOL_BYTES", 4 << 20)
+    pool = NB._Pool()
+    held = [pool.take((256, 1024 + i), np.dtype(np.float32)) for i in range(3)]  # 1 MB each
+    for i in range(20):
+        pool.take((512, 1024 + i), np.dtype(np.float32))  # 2 MB each, dropped at once
+        assert pool.nbytes <= 4 << 20
+    for a in held:  # arrays still in use are never dropped from under their owner
+        a[...] = 1
+    assert sum(a.nbytes for arrays in pool.arrays.values() for a in arrays) == pool.nbytes

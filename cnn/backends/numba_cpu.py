@@ -47,10 +47,11 @@ DENSE_BLOCKS = 12
 #: Elementwise items (or GEMM FLOPs / 32) a thread must get before a kernel wakes it.
 MIN_WORK = 1 << 15
 
-#: Outputs at least this big are recycled (see ``_out``), at most this many per shape.
+#: Outputs at least this big are recycled (see ``_out``), at most this many per shape
+#: and ``POOL_BYTES`` in all per Python thread (the seed CNN at batch 128 needs ~70 MB).
 _POOL_MIN_BYTES = 1 << 16
 _POOL_PER_SHAPE = 6
-LIFO = True
+POOL_BYTES = 256 << 20
 
 _blas_limiter = None
 _blas_libs: list = []  # threadpoolctl controllers of every BLAS loaded at configure()
@@ -200,36 +201,55 @@ def _bind_thread_count_accessors() -> None:
     _set_threads = getattr(parallel, "_set_num_threads", None) or numba.set_num_threads
 
 
-def _out(shape, dtype) -> np.ndarray:
-    """A fresh-to-the-caller output array, recycled from earlier calls when nobody else
-    holds a reference to it (its refcount shows only this pool; any view of it counts).
+class _Pool:
+    """Recycled output arrays of one Python thread: ``{(shape, dtype): [arrays]}`` in
+    least-recently-used key order, at most ``POOL_BYTES`` in all."""
 
-    Large fresh allocations cost page faults every step (measured: a 15 MB ReLU output
-    takes ~2x as long in a freshly mmapped array), so outputs are reused instead."""
-    shape = tuple(shape)
-    dtype = np.dtype(dtype)
-    pool = getattr(_scratch, "pool", None)
-    if pool is None:
-        pool = _scratch.pool = {}
-    key = (shape, dtype.str)
-    arrays = pool.get(key)
-    if arrays is None:
-        arrays = pool[key] = []
-    if LIFO:
+    def __init__(self):
+        self.arrays: dict[tuple, list[np.ndarray]] = {}
+        self.nbytes = 0
+
+    def take(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        key = (shape, dtype.str)
+        arrays = self.arrays.pop(key, [])
+        self.arrays[key] = arrays  # most recently used key last
         for i in range(len(arrays) - 1, -1, -1):
             # references: the list, and getrefcount's own argument
             if sys.getrefcount(arrays[i]) == 2:
                 a = arrays.pop(i)
                 arrays.append(a)  # most recently handed out last: likely still in cache
                 return a
-    else:
-        for i in range(len(arrays)):
-            if sys.getrefcount(arrays[i]) == 2:
-                return arrays[i]
-    a = np.empty(shape, dtype)
-    if a.nbytes >= _POOL_MIN_BYTES and len(arrays) < _POOL_PER_SHAPE:
-        arrays.append(a)
-    return a
+        a = np.empty(shape, dtype)
+        if a.nbytes >= _POOL_MIN_BYTES and len(arrays) < _POOL_PER_SHAPE:
+            self._make_room(a.nbytes)
+            if self.nbytes + a.nbytes <= POOL_BYTES:
+                arrays.append(a)
+                self.nbytes += a.nbytes
+        return a
+
+    def _make_room(self, nbytes: int) -> None:
+        """Drop free arrays of the least recently used shapes until ``nbytes`` fit."""
+        for key in list(self.arrays):
+            if self.nbytes + nbytes <= POOL_BYTES:
+                return
+            arrays = self.arrays[key]
+            for i in range(len(arrays) - 1, -1, -1):
+                if sys.getrefcount(arrays[i]) == 2:
+                    self.nbytes -= arrays.pop(i).nbytes
+            if not arrays:
+                del self.arrays[key]
+
+
+def _out(shape, dtype) -> np.ndarray:
+    """A fresh-to-the-caller output array, recycled from earlier calls when nobody else
+    holds a reference to it (its refcount shows only this pool; any view of it counts).
+
+    Large fresh allocations cost page faults every step (measured: a 15 MB ReLU output
+    takes ~2x as long in a freshly mmapped array), so outputs are reused instead."""
+    pool = getattr(_scratch, "pool", None)
+    if pool is None:
+        pool = _scratch.pool = _Pool()
+    return pool.take(tuple(shape), np.dtype(dtype))
 
 
 def _buf(key, shape, dtype) -> np.ndarray:
