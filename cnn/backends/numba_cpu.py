@@ -13,13 +13,20 @@ How it is parallel:
   Weight gradients are accumulated per *fixed* batch chunk (16 chunks whatever the
   thread count) and the chunk partials are added in chunk order;
 * dense layers: one GEMM split into column/row blocks, no cross-thread reduction;
-* pooling, activations, optimiser updates: ``prange`` over planes / fixed blocks.
+* pooling, activations, optimiser updates: ``prange`` over planes / elements.
 
 So results are bit-identical run to run, and (up to 16 threads) for every thread
 count. Everything is float32 by default; float64 is supported for checks.
 
+Beyond the reference's kernel set: ``conv2d_relu_forward`` and
+``maxpool2d_relu_backward`` (fused Conv+ReLU forward and ReLU+MaxPool backward,
+bit-identical to the unfused pairs) for a Network that fuses those layers, and
+``max_threads()``. Outputs are recycled buffers once nobody references them (see
+``_out``), so a step allocates no big arrays; results a caller keeps are never reused.
+
 The jitted code lives in :mod:`cnn.backends._numba_kernels` and is cached on disk
 (``NUMBA_CACHE_DIR`` if set); this module checks arguments before entering it.
+Tuning history and measurements: ``benchmarks/NOTES.md``.
 """
 
 from __future__ import annotations
@@ -391,7 +398,7 @@ def _conv_forward(x, w, b, stride, padding, relu: bool):
         raise ShapeError(f"input {x.shape} with padding {p} is smaller than the {k}x{k} kernel")
     oh = (h + 2 * p - k) // s + 1
     ow = (wd + 2 * p - k) // s + 1
-    t = min(_team(n * o * c * k * k * oh * ow / 16), n)
+    t = max(1, min(_team(n * o * c * k * k * oh * ow / 16), n))
     y = _out((n, o, oh, ow), x.dtype)
     shift = _shift(x.shape, w.shape, s)
     cols, xpad, ypad = _conv_scratch(t, x.shape, o, k, shift, p, oh, ow, x.dtype)
@@ -399,11 +406,11 @@ def _conv_forward(x, w, b, stride, padding, relu: bool):
     wb[:, :-1] = w.reshape(o, c * k * k)
     wb[:, -1] = b
     if shift:
-        _run_blas(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow), cols,
-             xpad, ypad, relu)
+        _run_blas(t, K.conv2d_forward_s1, x, wb, k, p, oh, ow, y.reshape(n, o, oh * ow),
+                  cols, xpad, ypad, relu)
     else:
-        _run_blas(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow), cols,
-             relu)
+        _run_blas(t, K.conv2d_forward, x, wb, k, s, p, oh, ow, y.reshape(n, o, oh * ow),
+                  cols, relu)
     return y, (x, s, p)
 
 
@@ -420,9 +427,13 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     _shape("dy", dy, (n, o, oh, ow))
     _shape("dw", dw, w.shape)
     _shape("db", db, (o,))
+    if n == 0:  # an empty batch: no gradient
+        dw[...] = 0
+        db[...] = 0
+        return np.zeros(x.shape, x.dtype) if need_dx else None
     threads = _threads()
     nch = _chunks(n, threads)
-    t = min(_team(n * o * c * k * k * oh * ow / (8 if need_dx else 16)), nch)
+    t = max(1, min(_team(n * o * c * k * k * oh * ow / (8 if need_dx else 16)), nch))
     ckk = c * k * k
     dwp = _buf("dwp", (nch, ckk + 1, o), x.dtype)
     shift = _shift(x.shape, w.shape, s)
