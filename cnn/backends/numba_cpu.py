@@ -52,7 +52,7 @@ CHUNKS = 16
 DENSE_BLOCKS = 12
 
 #: Elementwise items (or GEMM FLOPs / 32) a thread must get before a kernel wakes it.
-MIN_WORK = 1 << 15
+MIN_WORK = 1 << 18
 
 #: Outputs at least this big are recycled (see ``_out``), at most this many per shape
 #: and ``POOL_BYTES`` in all per Python thread (the seed CNN at batch 128 needs ~70 MB).
