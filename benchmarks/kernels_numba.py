@@ -82,30 +82,39 @@ def main() -> None:
             nb.backend.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
         return f
 
-    def fused_step(t):
-        """The same step hand-wired through the fused kernels (conv2d_relu_forward,
-        maxpool2d_relu_backward): what the Network would get with the proposed change."""
+    def fused_grads():
+        """loss_and_grad of the seed CNN hand-wired through the fused kernels
+        (conv2d_relu_forward, maxpool2d_relu_backward): what the Network would do with the
+        proposed change (benchmarks/NOTES.md)."""
         B, P, G = nb.backend, nb._pviews, nb._gviews
+        r1, c0 = B.conv2d_relu_forward(x, P[0]["weight"], P[0]["bias"], 1, 0)
+        p1, c2 = B.maxpool2d_forward(r1, 2, 2)
+        r2, c3 = B.conv2d_relu_forward(p1, P[3]["weight"], P[3]["bias"], 1, 0)
+        p2, c5 = B.maxpool2d_forward(r2, 2, 2)
+        h, c7 = B.dense_forward(p2.reshape(n, -1), P[7]["weight"], P[7]["bias"])
+        hr, c8 = B.relu_forward(h)
+        z, c9 = B.dense_forward(hr, P[9]["weight"], P[9]["bias"])
+        loss, d = B.softmax_cross_entropy(z, y)
+        d = B.dense_backward(d, c9, P[9]["weight"], G[9]["weight"], G[9]["bias"], True)
+        d = B.relu_backward(d, c8)
+        d = B.dense_backward(d, c7, P[7]["weight"], G[7]["weight"], G[7]["bias"], True)
+        d = B.maxpool2d_relu_backward(d.reshape(p2.shape), c5)
+        d = B.conv2d_backward(d, c3, P[3]["weight"], G[3]["weight"], G[3]["bias"], True)
+        d = B.maxpool2d_relu_backward(d, c2)
+        B.conv2d_backward(d, c0, P[0]["weight"], G[0]["weight"], G[0]["bias"], False)
+        return loss
 
+    def fused_step(t):
         def f():
             numba.set_num_threads(t)
-            r1, c0 = B.conv2d_relu_forward(x, P[0]["weight"], P[0]["bias"], 1, 0)
-            p1, c2 = B.maxpool2d_forward(r1, 2, 2)
-            r2, c3 = B.conv2d_relu_forward(p1, P[3]["weight"], P[3]["bias"], 1, 0)
-            p2, c5 = B.maxpool2d_forward(r2, 2, 2)
-            h, c7 = B.dense_forward(p2.reshape(n, -1), P[7]["weight"], P[7]["bias"])
-            hr, c8 = B.relu_forward(h)
-            z, c9 = B.dense_forward(hr, P[9]["weight"], P[9]["bias"])
-            _, d = B.softmax_cross_entropy(z, y)
-            d = B.dense_backward(d, c9, P[9]["weight"], G[9]["weight"], G[9]["bias"], True)
-            d = B.relu_backward(d, c8)
-            d = B.dense_backward(d, c7, P[7]["weight"], G[7]["weight"], G[7]["bias"], True)
-            d = B.maxpool2d_relu_backward(d.reshape(p2.shape), c5)
-            d = B.conv2d_backward(d, c3, P[3]["weight"], G[3]["weight"], G[3]["bias"], True)
-            d = B.maxpool2d_relu_backward(d, c2)
-            B.conv2d_backward(d, c0, P[0]["weight"], G[0]["weight"], G[0]["bias"], False)
-            B.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
+            fused_grads()
+            nb.backend.sgd_update(nb.params, nb.grads, vel, 0.01, 0.9, 0.0, 0.0, False, False)
         return f
+
+    if shape == (3, 32, 32):  # the fused path is wired for the seed CNN without padding
+        loss = nb.loss_and_grad(x, y)
+        g = nb.grads.copy()
+        assert fused_grads() == loss and np.array_equal(nb.grads, g), "fused != Network"
 
     def torch_step(t):
         def f():
@@ -121,8 +130,9 @@ def main() -> None:
         npn.backend.sgd_update(npn.params, npn.grads, npvel, 0.01, 0.9, 0.0, 0.0, False, False)
 
     variants = {"numba1": numba_step(1), "numba2": numba_step(2), "torch1": torch_step(1),
-                "torch2": torch_step(2), "numpy": numpy_step, "fused1": fused_step(1),
-                "fused2": fused_step(2)}
+                "torch2": torch_step(2), "numpy": numpy_step}
+    if shape == (3, 32, 32):
+        variants.update(fused1=fused_step(1), fused2=fused_step(2))
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     wall = {k: [] for k in variants}
