@@ -17,7 +17,7 @@ import numpy as np
 from cnn.backends import get_backend
 from cnn.errors import ShapeError
 from cnn.io import save_npz
-from cnn.layers import Layer, Shape, layer_from_config
+from cnn.layers import Conv2D, Layer, MaxPool2D, ReLU, Shape, layer_from_config
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Network:
         self._gviews = self._views(self.grads)
         self._first_param_layer = next(
             (i for i, layer in enumerate(self.layers) if layer.has_params), len(self.layers))
+        self._fused_conv_relu, self._fused_relu_pool = self._fusion_plan()
 
     # --- construction ----------------------------------------------------------------
 
@@ -139,11 +140,34 @@ class Network:
                              f"[{y.min()}, {y.max()}]")
         return y.astype(np.int64, copy=False)
 
+    def _fusion_plan(self) -> tuple[set[int], set[int]]:
+        """Layer pairs a backend runs as one kernel (same numbers, one pass less).
+
+        ``conv2d_relu_forward`` for Conv2D -> ReLU, ``maxpool2d_relu_backward`` for
+        ReLU -> MaxPool2D; backends without them (the NumPy reference) run layer by layer.
+        """
+        pairs = list(zip(self.layers, self.layers[1:], strict=False))
+        conv_relu = {i for i, (a, b) in enumerate(pairs) if isinstance(a, Conv2D)
+                     and isinstance(b, ReLU) and hasattr(self.backend, "conv2d_relu_forward")}
+        relu_pool = {i for i, (a, b) in enumerate(pairs) if isinstance(a, ReLU)
+                     and isinstance(b, MaxPool2D) and i >= self._first_param_layer
+                     and hasattr(self.backend, "maxpool2d_relu_backward")}
+        return conv_relu, relu_pool
+
     def _forward(self, x):
-        ctxs = []
-        for layer, p in zip(self.layers, self._pviews, strict=True):
+        ctxs: list[Any] = []
+        i = 0
+        while i < len(self.layers):
+            layer, p = self.layers[i], self._pviews[i]
+            if i in self._fused_conv_relu:
+                x, ctx = self.backend.conv2d_relu_forward(x, p["weight"], p["bias"],
+                                                          layer.stride, layer.padding)
+                ctxs += [ctx, x]  # the ReLU's ctx is its output, as relu_forward returns
+                i += 2
+                continue
             x, ctx = layer.forward(self.backend, x, p)
             ctxs.append(ctx)
+            i += 1
         return x, ctxs
 
     def forward(self, x) -> np.ndarray:
@@ -157,9 +181,15 @@ class Network:
         y = self._check_y(y, x.shape[0])
         logits, ctxs = self._forward(x)
         loss, d = self.backend.softmax_cross_entropy(logits, y)
-        for i in range(len(self.layers) - 1, self._first_param_layer - 1, -1):
+        i = len(self.layers) - 1
+        while i >= self._first_param_layer:
+            if i - 1 in self._fused_relu_pool:  # MaxPool2D i over ReLU i - 1
+                d = self.backend.maxpool2d_relu_backward(d, ctxs[i])
+                i -= 2
+                continue
             d = self.layers[i].backward(self.backend, d, ctxs[i], self._pviews[i],
                                         self._gviews[i], need_dx=i > self._first_param_layer)
+            i -= 1
         return float(loss)
 
     def evaluate(self, x, y, batch_size: int = 1000) -> tuple[float, float]:
