@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from cnn import plots
+from cnn.results import numeric_column as _num
+from cnn.results import text_column as _str
 
 #: Strategies that are not whole training steps (as ``cnn.bench.NON_STEP_STRATEGIES``).
 NON_STEP = ("kernel", "gemm-ceiling")
@@ -58,19 +60,6 @@ CONFIG = ["host", "input_shape", "filters", "batch_size"]
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _num(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series(np.nan, index=df.index, dtype=float)
-    return pd.to_numeric(df[col], errors="coerce")
-
-
-def _str(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series("", index=df.index, dtype=object)
-    return df[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
-                       else str(v))
 
 
 def series_name(backend: Any, threads: Any) -> str:

@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn.results import numeric_column as _num
+from cnn.results import text_column as _str
+
 #: The two input shapes of issue 4 (CIFAR-like and MNIST-like), as results label them.
 SHAPES = ("3x32x32", "1x28x28")
 
@@ -392,17 +395,6 @@ def run_gpu_bench(scale: str = "standard", shapes: Sequence[str] = SHAPES,
 
 
 # --------------------------------------------------------------------------- reading results
-
-def _num(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series(np.nan, index=df.index, dtype=float)
-    return pd.to_numeric(df[col], errors="coerce")
-
-
-def _str(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series("", index=df.index, dtype=object)
-    return df[col].astype(object).where(df[col].notna(), "").astype(str)
 
 
 def load_results_file(path: str | os.PathLike) -> pd.DataFrame | None:

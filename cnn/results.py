@@ -298,3 +298,20 @@ __all__ = [
     "step_stats",
     "to_frame",
 ]
+
+
+def numeric_column(df: pd.DataFrame, col: str) -> pd.Series:
+    """``df[col]`` as floats (NaN where absent or not a number): results files differ in
+    which optional columns they carry, and analysis must not fail on that."""
+    if col not in df.columns:
+        return pd.Series(np.nan, index=df.index, dtype=float)
+    return pd.to_numeric(df[col], errors="coerce")
+
+
+def text_column(df: pd.DataFrame, col: str) -> pd.Series:
+    """``df[col]`` as strings, ``""`` where absent or missing (None, NaN, NA)."""
+    if col not in df.columns:
+        return pd.Series("", index=df.index, dtype=object)
+    return df[col].map(lambda v: "" if v is None or v is pd.NA or (
+        isinstance(v, float | np.floating) and math.isnan(v)) else str(v))
+

@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn.results import numeric_column as _num
+from cnn.results import text_column as _str
+
 SCHEMA = 1
 RESULTS_ENV = "CNN_RESULTS_DIR"
 ROOT_ENV = "CNN_STUDY_ROOT"
@@ -191,18 +194,6 @@ def fmt_x(v: float) -> str:
 
 def fmt_rate(v: float) -> str:
     return f"{v:,.0f}"
-
-
-def _num(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series(np.nan, index=df.index, dtype=float)
-    return pd.to_numeric(df[col], errors="coerce")
-
-
-def _str(df: pd.DataFrame, col: str) -> pd.Series:
-    if col not in df.columns:
-        return pd.Series("", index=df.index, dtype=object)
-    return df[col].map(lambda v: "" if _missing(v) else str(v))
 
 
 def _workers(df: pd.DataFrame) -> pd.Series:

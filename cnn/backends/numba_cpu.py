@@ -40,6 +40,9 @@ import threading
 import numpy as np
 
 from cnn.backends import _numba_kernels as K
+
+# host arrays: kept exactly as the reference keeps them
+from cnn.backends.numpy_seq import copy_into, device_name, from_host, to_host, zeros  # noqa: F401
 from cnn.errors import BackendUnavailable, ShapeError
 
 NAME = "numba"
@@ -318,28 +321,6 @@ def _blocks(n: int) -> np.ndarray:
 
 def _chunks(n: int, threads: int) -> int:
     return min(n, CHUNKS * -(-threads // CHUNKS))
-
-
-# --- arrays: host memory -------------------------------------------------------------
-
-def zeros(n: int, dtype) -> np.ndarray:
-    return np.zeros(n, dtype=dtype)
-
-
-def from_host(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-def to_host(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a)
-
-
-def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
-    dst[...] = src
-
-
-def device_name() -> str:
-    return "cpu"
 
 
 def synchronize() -> None:
