@@ -17,7 +17,7 @@ from cnn import summary as S
 from cnn.results import make_row, save_results, to_frame
 
 HOST = "testhost"
-MACHINE = dict(cpu="Test CPU (2 cores, 2 threads)", gpu=None, versions={"python": "3.12"},
+MACHINE = dict(cpu="Test CPU (4 cores, 4 threads)", gpu=None, versions={"python": "3.12"},
                commit="abc1234", timestamp="2026-01-01T00:00:00+00:00")
 
 
@@ -331,3 +331,18 @@ def test_readme_headline_block_is_regenerated(tmp_path):
     assert "| GPU | not measured | | no GPU |" in text
     (tmp_path / "plain.md").write_text("no markers\n")
     assert not S.update_readme(summary, tmp_path / "plain.md")
+
+
+def test_scaling_headline_is_the_widest_run_that_fits_the_cores(tmp_path):
+    """On a host with fewer cores than the widest run, the headline is not the
+    oversubscribed point."""
+    from cnn import summary as S
+
+    fake_results(tmp_path)
+    for f in tmp_path.glob("mpi_*.pkl"):
+        df = pd.read_pickle(f)
+        df["cpu"] = "Test CPU (2 cores, 2 threads)"
+        df.to_pickle(f)
+    h = S.build_summary(tmp_path, twin=False)["headlines"]
+    assert h["mpi_strong_efficiency"]["processes"] == 2
+    assert "oversubscribed" not in h["mpi_strong_efficiency"]
