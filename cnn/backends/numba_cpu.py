@@ -477,38 +477,37 @@ def _unpool(dy, ctx, relu: bool):
 
 # --- elementwise ---------------------------------------------------------------------
 
-def relu_forward(x):
+def _pointwise(kernel, x):
+    """``y = f(x)`` elementwise; the ctx is ``y`` (what the backward kernels need)."""
     x = _arr("x", x)
     y = _out(x.shape, x.dtype)
-    _run(_team(x.size), K.relu_forward, x.reshape(-1), y.reshape(-1))
+    _run(_team(x.size), kernel, x.reshape(-1), y.reshape(-1))
     return y, y
+
+
+def _pointwise_backward(kernel, dy, y):
+    y = _arr("y", y)
+    dy = _arr("dy", dy, dtype=y.dtype)
+    _shape("dy", dy, y.shape)
+    dx = _out(dy.shape, dy.dtype)
+    _run(_team(dy.size), kernel, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+def relu_forward(x):
+    return _pointwise(K.relu_forward, x)
 
 
 def relu_backward(dy, y):
-    y = _arr("y", y)
-    dy = _arr("dy", dy, dtype=y.dtype)
-    _shape("dy", dy, y.shape)
-    dx = _out(dy.shape, dy.dtype)
-    _run(_team(dy.size), K.relu_backward, dy.reshape(-1), y.reshape(-1),
-         dx.reshape(-1))
-    return dx
+    return _pointwise_backward(K.relu_backward, dy, y)
 
 
 def sigmoid_forward(x):
-    x = _arr("x", x)
-    y = _out(x.shape, x.dtype)
-    _run(_team(x.size), K.sigmoid_forward, x.reshape(-1), y.reshape(-1))
-    return y, y
+    return _pointwise(K.sigmoid_forward, x)
 
 
 def sigmoid_backward(dy, y):
-    y = _arr("y", y)
-    dy = _arr("dy", dy, dtype=y.dtype)
-    _shape("dy", dy, y.shape)
-    dx = _out(dy.shape, dy.dtype)
-    _run(_team(dy.size), K.sigmoid_backward, dy.reshape(-1), y.reshape(-1),
-         dx.reshape(-1))
-    return dx
+    return _pointwise_backward(K.sigmoid_backward, dy, y)
 
 
 # --- dense ---------------------------------------------------------------------------
