@@ -167,7 +167,16 @@ sys.exit(1 if problems else 0)
 """
 
 
+def _has_numba_cuda() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba_cuda") is not None
+
+
 @pytest.mark.skipif(SIM, reason="needs a process without the simulator")
+@pytest.mark.skipif(not _has_numba_cuda(), reason="needs the maintained numba-cuda package "
+                    "(the cuda extra); numba's deprecated built-in numba.cuda compiles "
+                    "differently")
 def test_kernels_compile_for_sm90():
     """Each kernel the backend launches (with the argument types it launches with)
     compiles for sm_90: typing errors the simulator cannot see; and float32 kernels
