@@ -815,6 +815,9 @@ def run_or_abort(argv: list[str] | None = None, comm: Any = None) -> int:
         sys.stdout.flush()
         print(f"rank {rank} failed: {type(exc).__name__}: {exc}\n{tb}"
               f"rank {rank}: aborting all {comm.Get_size()} ranks", file=sys.stderr, flush=True)
+        # mpiexec forwards a rank's output asynchronously; an immediate Abort can tear the
+        # job down before the message naming the failed rank reaches the user
+        time.sleep(1.0)
         comm.Abort(1)
         return 1  # not reached
 
