@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn.backends import get_backend
+from cnn.backends import contract, get_backend
 from cnn.errors import ShapeError
 from cnn.io import save_npz
 from cnn.layers import Conv2D, Layer, MaxPool2D, ReLU, Shape, layer_from_config
@@ -147,11 +147,13 @@ class Network:
         ReLU -> MaxPool2D; backends without them (the NumPy reference) run layer by layer.
         """
         pairs = list(zip(self.layers, self.layers[1:], strict=False))
+        fused_conv = contract.supports(self.backend, "conv2d_relu_forward")
+        fused_pool = contract.supports(self.backend, "maxpool2d_relu_backward")
         conv_relu = {i for i, (a, b) in enumerate(pairs) if isinstance(a, Conv2D)
-                     and isinstance(b, ReLU) and hasattr(self.backend, "conv2d_relu_forward")}
+                     and isinstance(b, ReLU) and fused_conv}
         relu_pool = {i for i, (a, b) in enumerate(pairs) if isinstance(a, ReLU)
                      and isinstance(b, MaxPool2D) and i >= self._first_param_layer
-                     and hasattr(self.backend, "maxpool2d_relu_backward")}
+                     and fused_pool}
         return conv_relu, relu_pool
 
     def _forward(self, x):

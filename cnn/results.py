@@ -19,134 +19,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cnn import runinfo
 from cnn.io import save_pickle
 
-#: The schema, in order. Frames built here always start with these columns.
-COLUMNS: list[str] = [
-    "experiment",
-    "strategy",
-    "backend",
-    "processes",
-    "threads",
-    "device",
-    "model",
-    "dataset",
-    "batch_size",
-    "epochs",
-    "samples",
-    "wall_s",
-    "compile_s",
-    "step_ms_median",
-    "step_ms_iqr",
-    "samples_per_s",
-    "comm_s",
-    "test_acc",
-    "final_loss",
-    "host",
-    "cpu",
-    "gpu",
-    "versions",
-    "commit",
-    "timestamp",
-]
-
-#: Columns that hold numbers; missing ones are NaN rather than None.
-NUMERIC_COLUMNS: frozenset[str] = frozenset(
-    {
-        "processes",
-        "threads",
-        "batch_size",
-        "epochs",
-        "samples",
-        "wall_s",
-        "compile_s",
-        "step_ms_median",
-        "step_ms_iqr",
-        "samples_per_s",
-        "comm_s",
-        "test_acc",
-        "final_loss",
-    }
+# Transitional: the study side moves to study/schema.py; the library keeps cnn.metrics.
+from cnn.metrics import (  # noqa: F401
+    COLUMNS,
+    MACHINE_COLUMNS,
+    NUMERIC_COLUMNS,
+    is_missing,
+    make_row,
+    step_stats,
+    to_frame,
 )
-
-#: Columns filled from :func:`cnn.runinfo.run_info` when the caller leaves them out.
-MACHINE_COLUMNS: tuple[str, ...] = ("host", "cpu", "gpu", "versions", "commit", "timestamp")
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float | np.floating) and math.isnan(value)
-
-
-def _cpu_label(info: Mapping[str, Any]) -> str:
-    """``"<model> (<physical> cores, <logical> threads)"`` from a run_info dict."""
-    model = info.get("cpu") or "unknown"
-    counts = info.get("cpu_count") or {}
-    physical, logical = counts.get("physical"), counts.get("logical")
-    if physical is None and logical is None:
-        return str(model)
-    return f"{model} ({physical if physical is not None else '?'} cores, {logical} threads)"
-
-
-def make_row(**fields: Any) -> dict[str, Any]:
-    """One result row: the given fields, every schema column present, machine facts filled.
-
-    ``host``, ``cpu``, ``gpu``, ``versions``, ``commit`` and ``timestamp`` come from
-    :func:`cnn.runinfo.run_info` unless given (a given ``None`` also counts as
-    absent, except for ``gpu`` where ``None`` means "no GPU" and is kept). Other
-    missing schema columns are NaN (numeric ones) or ``None``. Extra fields are kept,
-    after the schema columns, in the order given.
-    """
-    need = [
-        c for c in MACHINE_COLUMNS if c not in fields or (c != "gpu" and _is_missing(fields[c]))
-    ]
-    info = runinfo.run_info() if need else {}
-    machine = {
-        "host": info.get("host"),
-        "cpu": _cpu_label(info) if info else None,
-        "gpu": info.get("gpu"),
-        "versions": info.get("versions"),
-        "commit": info.get("commit"),
-        "timestamp": info.get("timestamp"),
-    }
-    row: dict[str, Any] = {}
-    for col in COLUMNS:
-        if col in need:
-            row[col] = machine[col]
-        elif col in fields:
-            row[col] = fields[col]
-        else:
-            row[col] = np.nan if col in NUMERIC_COLUMNS else None
-    for key, value in fields.items():
-        if key not in row:
-            row[key] = value
-    return row
-
-
-def _ordered_columns(columns: Iterable[str]) -> list[str]:
-    extras = [c for c in dict.fromkeys(columns) if c not in COLUMNS]
-    return COLUMNS + extras
-
-
-def to_frame(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
-    """A DataFrame of ``rows`` with :data:`COLUMNS` first (missing ones added) then extras."""
-    if isinstance(rows, pd.DataFrame):
-        df = rows.copy()
-    else:
-        rows = [dict(r) for r in rows]
-        df = pd.DataFrame(rows)
-    cols = _ordered_columns(df.columns)
-    for col in cols:
-        if col not in df.columns:
-            df[col] = np.nan if col in NUMERIC_COLUMNS else None
-    return df.loc[:, cols].reset_index(drop=True)
 
 
 def _key(value: Any) -> Any:
     """Hashable, NaN-insensitive form of a cell for collision checks."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, np.generic):
         value = value.item()
@@ -215,36 +104,6 @@ def load_results(path_or_glob: str | os.PathLike | Iterable[str | os.PathLike]) 
     return to_frame(pd.concat(frames, ignore_index=True, sort=False))
 
 
-def step_stats(times_s: Sequence[float], warmup: int) -> dict[str, float]:
-    """Split per-step durations into JIT/first-call overhead and steady-state statistics.
-
-    ``times_s`` are step durations in seconds; the first ``warmup`` steps are warm-up.
-    Returns ``compile_s`` = sum(warm-up steps) - warmup * median(rest), clamped at 0
-    (the time the warm-up steps took beyond an ordinary step), and
-    ``step_ms_median`` / ``step_ms_iqr`` (75th - 25th percentile, linear
-    interpolation) in milliseconds over the steps after warm-up.
-    """
-    times = np.asarray(times_s, dtype=np.float64).ravel()
-    warmup = int(warmup)
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if times.size <= warmup:
-        raise ValueError(
-            f"need more steps than warmup: got {times.size} step time(s) with warmup={warmup}"
-        )
-    if not np.all(np.isfinite(times)) or np.any(times < 0):
-        raise ValueError("step times must be finite and non-negative")
-    rest = times[warmup:]
-    median = float(np.median(rest))
-    q25, q75 = np.percentile(rest, [25.0, 75.0])
-    compile_s = max(0.0, float(times[:warmup].sum()) - warmup * median)
-    return {
-        "compile_s": compile_s,
-        "step_ms_median": median * 1e3,
-        "step_ms_iqr": float(q75 - q25) * 1e3,
-    }
-
-
 _HIGHER_IS_BETTER = frozenset({"samples_per_s"})
 
 
@@ -272,7 +131,7 @@ def speedup_table(
     keys = _keys(out, by)
     groups: dict[tuple[Any, ...], list[float]] = {}
     for key, value, base in zip(keys, values, is_base, strict=True):
-        if base and not _is_missing(value):
+        if base and not is_missing(value):
             groups.setdefault(key, []).append(float(value))
     medians = {key: float(np.median(vals)) for key, vals in groups.items()}
     out[base_col] = np.array([medians.get(key, np.nan) for key in keys], dtype=np.float64)
@@ -287,17 +146,6 @@ def speedup_table(
     return out
 
 
-__all__ = [
-    "COLUMNS",
-    "MACHINE_COLUMNS",
-    "NUMERIC_COLUMNS",
-    "load_results",
-    "make_row",
-    "save_results",
-    "speedup_table",
-    "step_stats",
-    "to_frame",
-]
 
 
 def numeric_column(df: pd.DataFrame, col: str) -> pd.Series:

@@ -24,10 +24,10 @@ import pandas as pd
 from cnn import data as cdata
 from cnn.errors import DivergenceError
 from cnn.io import save_pickle
+from cnn.metrics import make_row, save_metrics, step_stats, to_frame
 from cnn.models import build
 from cnn.network import Network
 from cnn.optim import make_optimizer, make_schedule
-from cnn.results import make_row, save_results, step_stats, to_frame
 
 # Defaults a researcher can read at a glance (the CLI shows them in --help).
 DEFAULTS = dict(backend="numpy", model="seed_cnn", dataset="digits", epochs=10, batch_size=64,
@@ -216,7 +216,7 @@ def make_training(net: Network, args: argparse.Namespace, steps_per_epoch: int):
 def finish_run(df: pd.DataFrame, net: Network, args: argparse.Namespace) -> None:
     """What every training CLI does last: save metrics and weights atomically, print."""
     if args.save_metrics:
-        save_results(df, args.save_metrics)
+        save_metrics(df, args.save_metrics)
     if args.save_weights:
         net.save(args.save_weights)
     if len(df):

@@ -269,10 +269,14 @@ def _train_digits(backend: str, epochs: int = 4) -> float:
 
 
 def test_training_on_digits_reaches_reference_accuracy():
+    # float32 rounding differs between the kernels, and 4 epochs of SGD amplify it: the
+    # step-level equality is tested above; here both must learn, and land within a few
+    # of the 360 test images of each other (seen: up to 7 apart, depending on threads).
     acc_ref = _train_digits("numpy")
     acc = _train_digits("numba")
     assert acc_ref > 0.9, acc_ref
-    assert abs(acc - acc_ref) <= 0.011, (acc, acc_ref)
+    assert acc > 0.9, acc
+    assert abs(acc - acc_ref) <= 0.03, (acc, acc_ref)
 
 
 # --- the on-disk JIT cache ---------------------------------------------------------------

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn import results
 from cnn.results import (
     COLUMNS,
     load_results,
@@ -298,9 +297,3 @@ def test_speedup_custom_baseline_strategy():
     t = speedup_table(df, baseline_strategy="numba")
     # both rows are baselines of the same group: median 5.0
     assert t["speedup"].tolist() == pytest.approx([5.0 / 8.0, 2.5])
-
-
-def test_module_exports():
-    for name in ("COLUMNS", "make_row", "to_frame", "save_results", "load_results",
-                 "step_stats", "speedup_table"):  # fmt: skip
-        assert name in results.__all__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from cnn.backends import contract
 from cnn.errors import BackendUnavailable
 
 #: name -> module path. The NumPy backend is the reference the others are checked against.
@@ -30,6 +31,7 @@ def get_backend(name: str | ModuleType) -> ModuleType:
         raise BackendUnavailable(
             f"backend {name!r} needs the package {exc.name!r}: pip install -e '.[{name}]' "
             f"or see README") from exc
+    contract.check(module)  # every kernel of cnn/backends/contract.py, with its signature
     check = getattr(module, "check_available", None)
     if check is not None:
         check()  # raises BackendUnavailable with the reason (no GPU, no compiler cache, ...)

@@ -682,7 +682,7 @@ def accuracy_plan(scale: str = "quick", backend: str = "numpy", batch_per_rank: 
 def run_plan(plan: Sequence[Mapping[str, Any]], runner: Runner,
              log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Run every item of a plan; one frame of all their rows with ``mode`` added."""
-    from cnn.results import to_frame
+    from cnn.metrics import to_frame
 
     # same (P, T) back to back: an ipyparallel runner then starts each cluster once
     order = sorted(range(len(plan)), key=lambda k: (max(plan[k]["processes"], 1),

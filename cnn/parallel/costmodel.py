@@ -307,7 +307,7 @@ def measure(comm: Any = None, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int
     """Ping-pong (if P >= 2) and Allreduce over ``sizes`` as result rows (rank 0)."""
     from mpi4py import MPI
 
-    from cnn.results import make_row, to_frame
+    from cnn.metrics import make_row, to_frame
 
     comm = MPI.COMM_WORLD if comm is None else comm
     rows = pingpong(comm, sizes, repeats) if comm.Get_size() >= 2 else []
@@ -326,19 +326,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="message sizes in bytes, comma separated")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--save", default=None, metavar="PATH.pkl",
-                   help="write the rows here (rank 0, atomically; rows of other "
-                        "process counts and hosts in the file are kept)")
+                   help="write the rows here (rank 0, atomically)")
     p.add_argument("--experiment", default="mpi_comm")
     args = p.parse_args(argv)
     from mpi4py import MPI
 
-    from cnn.results import save_results
+    from cnn.metrics import save_metrics
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     df = measure(MPI.COMM_WORLD, sizes, args.repeats, args.experiment)
     if MPI.COMM_WORLD.Get_rank() == 0:
         if args.save:
-            save_results(df, args.save, merge_on=["strategy", "bytes", "processes"])
+            save_metrics(df, args.save)
         with pd.option_context("display.width", 120):
             print(df[["strategy", "processes", "bytes", "time_s", "bandwidth_Bps"]]
                   .to_string(index=False))

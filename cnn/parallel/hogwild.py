@@ -71,7 +71,7 @@ import pandas as pd
 
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
-from cnn.results import make_row, save_results, step_stats, to_frame
+from cnn.metrics import make_row, save_metrics, step_stats, to_frame
 from cnn.train import add_training_args, build_network, load_data, make_training
 
 SHM_PREFIX = "cnn_hogwild_"
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df = compare(args, workers=args.workers, also_lock=args.also_lock,
                  sequential=args.sequential, log=log)
     if args.save_metrics:
-        save_results(df, args.save_metrics)
+        save_metrics(df, args.save_metrics)
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
         print(summary(df).to_string(index=False))

@@ -40,7 +40,7 @@ import pandas as pd
 
 from cnn import data as cdata
 from cnn.errors import CnnError
-from cnn.results import make_row, save_results, to_frame
+from cnn.metrics import make_row, save_metrics, to_frame
 from cnn.train import add_training_args
 
 _POLL_S = 0.1
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     df = compare(args, serial=args.serial, engines=args.engines, progress=not args.no_progress,
                  log=log, cpu_interval=args.cpu_interval, timeout=args.timeout)
     if args.save_metrics:
-        save_results(df, args.save_metrics)
+        save_metrics(df, args.save_metrics)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(accuracy_table(df).to_string())
         print(speedup_table(df).to_string(index=False))

@@ -75,8 +75,8 @@ import pandas as pd
 
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
+from cnn.metrics import make_row, step_stats, to_frame
 from cnn.network import Network
-from cnn.results import make_row, step_stats, to_frame
 from cnn.train import add_training_args, build_network, finish_run, fit, load_data, make_training
 
 STRATEGIES: tuple[str, ...] = ("allreduce", "param-server", "async-param-server", "model-average")
