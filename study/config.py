@@ -1,0 +1,75 @@
+"""Every scale preset of the study, in one visible table.
+
+``quick`` is a smoke run (minutes, every code path, no numbers worth reading; written to
+``build/quick``); ``standard`` is the committed study on a 2-core machine; ``full`` is
+for a bigger host or a cluster. An experiment reads its sizes with ``preset(family,
+scale)`` and nothing else decides them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from study.schema import SCALES
+
+DEFAULT_SCALE = "standard"
+
+#: family -> scale -> settings. Trials are interleaved repeats (study/measure.py).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # notebook 01: the sequential NumPy reference, trained to convergence
+    "baseline": {
+        "quick": dict(dataset="digits", subset=None, epochs=3, batch_size=64, lr=0.05),
+        "standard": dict(dataset="fashion-mnist", subset=None, epochs=15, batch_size=64,
+                         lr=0.05),
+        "full": dict(dataset="fashion-mnist", subset=None, epochs=15, batch_size=64, lr=0.05),
+    },
+    # notebook 02: one training step of each backend, side by side in one process
+    "kernels": {
+        "quick": dict(shapes=("1x8x8",), batches=(8,), threads=(1, 2), steps=3, trials=2,
+                      grid_filters=((8, 16),), grid_batches=(8,), gemm_size=256),
+        "standard": dict(shapes=("3x32x32", "1x28x28"), batches=(64, 128), threads=(1, 2),
+                         steps=12, trials=5, grid_filters=((16, 32), (32, 64), (64, 128)),
+                         grid_batches=(32, 128, 512), gemm_size=2048),
+        "full": dict(shapes=("3x32x32", "1x28x28"), batches=(32, 64, 128, 256),
+                     threads=(1, 2, 4, 8, 16), steps=30, trials=7,
+                     grid_filters=((16, 32), (32, 64), (64, 128), (128, 256)),
+                     grid_batches=(32, 128, 512, 1024), gemm_size=4096),
+    },
+    # notebook 04: MPI strategies as real mpiexec jobs (start-up measured apart)
+    "mpi": {
+        "quick": dict(dataset="digits", subset=None, test_subset=128, steps=6, trials=1,
+                      ranks=(1, 2), acc_epochs=1, acc_subset=None, comm_repeats=10),
+        "standard": dict(dataset="fashion-mnist", subset=16384, test_subset=2000, steps=60,
+                         trials=5, ranks=None, acc_epochs=3, acc_subset=None,
+                         comm_repeats=50),
+        "full": dict(dataset="fashion-mnist", subset=None, test_subset=None, steps=200,
+                     trials=7, ranks=None, acc_epochs=10, acc_subset=None, comm_repeats=100),
+    },
+    # notebook 05: HOGWILD workers on one shared buffer
+    "hogwild": {
+        "quick": dict(dataset="digits", subset=None, epochs=2, workers=(1, 2), trials=1,
+                      batches=(32,)),
+        "standard": dict(dataset="fashion-mnist", subset=12000, epochs=3, workers=(1, 2),
+                         trials=5, batches=(32, 64)),
+        "full": dict(dataset="fashion-mnist", subset=None, epochs=5, workers=(1, 2, 4, 8),
+                     trials=7, batches=(32, 64)),
+    },
+    # notebook 05: k-fold cross-validation on ipyparallel engines
+    "kfold": {
+        "quick": dict(dataset="digits", subset=None, epochs=1, folds=2, engines=(1, 2),
+                      trials=1, work=((None, 1),)),
+        "standard": dict(dataset="fashion-mnist", subset=12000, epochs=2, folds=4,
+                         engines=(1, 2), trials=5, work=((3000, 1), (6000, 1), (12000, 2))),
+        "full": dict(dataset="fashion-mnist", subset=None, epochs=3, folds=8,
+                     engines=(1, 2, 4, 8), trials=5, work=((6000, 1), (60000, 3))),
+    },
+}
+
+
+def preset(family: str, scale: str) -> dict[str, Any]:
+    """A copy of the settings of ``family`` at ``scale`` (clear error for unknown names)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if family not in PRESETS:
+        raise ValueError(f"no presets for {family!r}; families: {', '.join(PRESETS)}")
+    return dict(PRESETS[family][scale])
