@@ -108,6 +108,13 @@ COLUMNS: dict[str, Column] = {
     "straggler": _c("str", "straggler setting (RANK:FACTOR, exp:MEAN_MS, or '')"),
     "momentum_mode": _c("str", "HOGWILD momentum option: local | shared | scaled"),
     "target_acc": _c("float", "accuracy threshold of time_to_target_s"),
+    # correctness checks
+    "quantity": _c("str", "what a check compares: logits, loss, a gradient's name, weights"),
+    "dtype": _c("str", "float32 | float64"),
+    "rel_err": _c("float", "max|got - want| / max|want| (study/checks.py)"),
+    "tolerance": _c("float", "the tolerance of the check (study/checks.py)"),
+    "check_ok": _c("bool", "whether the check passed"),
+    "torch_version": _c("str", "torch.__version__ of a torch row"),
     # kernels and roofs
     "input_shape": _c("str", "C x H x W of the input"),
     "filters": _c("str", "filters of conv1,conv2"),
