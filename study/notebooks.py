@@ -180,8 +180,8 @@ def failure_message(run: NotebookRun) -> str:
 
 def run_notebooks(folder: Path | None = None, scale: str = DEFAULT_SCALE,
                   only: Sequence[str] | None = None, timeout: float | None = None,
-                  kernel_name: str | None = None, log: Callable[[str], None] = print
-                  ) -> list[NotebookRun]:
+                  kernel_name: str | None = None, log: Callable[[str], None] = print,
+                  parameters: dict[str, Any] | None = None) -> list[NotebookRun]:
     """Run the notebooks in order; raise :class:`StudyError` at the first failure."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -193,7 +193,8 @@ def run_notebooks(folder: Path | None = None, scale: str = DEFAULT_SCALE,
             log(run.line())
             runs.append(run)
             continue
-        run = run_notebook(path, scale=scale, timeout=timeout, kernel_name=kernel_name)
+        run = run_notebook(path, scale=scale, timeout=timeout, kernel_name=kernel_name,
+                           parameters=parameters)
         log(run.line())
         runs.append(run)
         if run.status != "ok":

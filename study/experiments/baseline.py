@@ -177,6 +177,23 @@ def evaluate_saved(dataset: str, scale: str = DEFAULT_SCALE
     return cm, classes, float(np.trace(cm) / cm.sum())
 
 
+def data_overview(scale: str = DEFAULT_SCALE) -> tuple[pd.DataFrame, dict[str, tuple]]:
+    """A table of the datasets the study uses, and ``{name: (x, y, classes)}`` to show."""
+    from cnn import data as cdata
+
+    names = list(dict.fromkeys([preset("baseline", scale)["dataset"], "digits"]))
+    table, shown = [], {}
+    for name in names:
+        x, y = cdata.load(name, "train")
+        info = cdata.dataset_info(name)
+        table.append({"dataset": name, "train images": len(y),
+                      "test images": len(cdata.load(name, "test")[1]),
+                      "shape": "x".join(map(str, x.shape[1:])),
+                      "classes": info["num_classes"]})
+        shown[name] = (x, y, [str(c) for c in info["classes"]])
+    return pd.DataFrame(table), shown
+
+
 def headlines(frames: dict[str, pd.DataFrame]) -> list[analysis.Headline]:
     out = []
     name = next((n for n in (train_name("fashion-mnist"), train_name("digits"))
