@@ -163,10 +163,13 @@ def flag_rows(df: pd.DataFrame, pts: pd.DataFrame, keys: Sequence[str]) -> pd.Da
     out = df.copy()
     if not len(pts) or "anomaly" not in pts:
         return out
-    notes = {tuple(str(v) for v in k): a for k, a in zip(
+    def norm(key: tuple) -> tuple:
+        return tuple(float(v) if isinstance(v, int | float | np.number) else str(v)
+                     for v in key)
+
+    notes = {norm(k): a for k, a in zip(
         pts[list(keys)].itertuples(index=False, name=None), pts["anomaly"], strict=True) if a}
-    mine = [notes.get(tuple(str(v) for v in k), "") for k in out[list(keys)].itertuples(
-        index=False, name=None)]
+    mine = [notes.get(norm(k), "") for k in out[list(keys)].itertuples(index=False, name=None)]
     old = out["anomaly"] if "anomaly" in out else pd.Series("", index=out.index)
     out["anomaly"] = ["; ".join(x for x in (str(o or ""), m) if x) for o, m in zip(
         old, mine, strict=True)]
@@ -205,9 +208,10 @@ class Headline:
         if not self.measured:
             return "not measured"
         f = FORMATS.get(self.unit, "{:.3g}")
+        b = BOUND_FORMATS.get(self.unit, f)
         s = f.format(self.value)
         if np.isfinite(self.lo) and np.isfinite(self.hi):
-            s += f" [{f.format(self.lo)}, {f.format(self.hi)}]"
+            s += f" [{b.format(self.lo)}, {b.format(self.hi)}]"
         return s
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +223,7 @@ class Headline:
         return d
 
 
+BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}"}
 FORMATS = {"x": "{:.2f}x", "%": "{:.1%}", "acc": "{:.2%}", "points": "{:+.2f} pts",
            "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms"}
 
