@@ -115,10 +115,12 @@ def run_row(epochs: pd.DataFrame, jit_in_wall: bool) -> dict[str, Any]:
 
     ``jit_in_wall``: ``cnn.train`` times its first step (JIT) inside ``wall_s`` and reports
     the excess as ``compile_s``; it is taken out, as HOGWILD's workers warm up untimed.
+    Both report the run's compile_s on its epoch rows (``cnn.train`` on every row, the
+    same cumulative number; HOGWILD on the first), so the run's is the largest.
     """
     ep = epochs.sort_values("epoch")
     last = ep.iloc[-1]
-    compile_s = float(pd.to_numeric(ep["compile_s"]).fillna(0.0).sum())
+    compile_s = float(pd.to_numeric(ep["compile_s"]).fillna(0.0).max())
     wall = float(last["wall_s"]) - (compile_s if jit_in_wall else 0.0)
     row = last.to_dict()
     row.update(kind="run", epoch=math.nan, wall_s=wall, compile_s=compile_s,
@@ -279,7 +281,8 @@ def summary_table(df: pd.DataFrame, series: Sequence[str] = SERIES["throughput"]
         return pd.DataFrame()
     st = step_points(d, series)
     st = st.assign(workers=st["workers"].astype(float)).set_index([*series, "config", "workers"])
-    gap = accuracy_gap(d).set_index(["strategy", "config", "workers"]) if len(d) else None
+    gap = accuracy_gap(d)
+    gap = gap.set_index(["strategy", "config", "workers"]) if len(gap) else None
     r = runs(d)
     rows = []
     for _, p in tp.iterrows():
@@ -296,7 +299,7 @@ def summary_table(df: pd.DataFrame, series: Sequence[str] = SERIES["throughput"]
         row["step ms"] = analysis.point_text(s["median"], s["lo"], s["hi"], "{:.1f}")
         row["test acc"] = analysis.point_text(*analysis.median_ci(g["test_acc"]), "{:.4f}")
         k = (p["strategy"], p["config"], p["workers"])
-        if gap is not None and len(gap) and k in gap.index:
+        if gap is not None and k in gap.index:
             a = gap.loc[k]
             row["acc - seq (pts)"] = analysis.point_text(a["median"], a["lo"], a["hi"], "{:+.2f}")
         row["staleness"] = float(pd.to_numeric(g.get("staleness_mean")).median()) \
@@ -344,11 +347,14 @@ def pinning_verdict(df: pd.DataFrame) -> str:
         return "Not measured: the pinning part needs 1 and 2 workers on a Linux host."
     one, two = eff[eff["workers"] == 1].iloc[0], eff[eff["workers"] == 2].iloc[0]
     up, pp = two["step_ratio_unpinned"], two["step_ratio_pinned"]
-    head = (f"A 1-worker step over a 2-worker step: {up:.2f} unpinned "
-            f"[{two['step_ratio_unpinned_lo']:.2f}, {two['step_ratio_unpinned_hi']:.2f}], "
-            f"{pp:.2f} pinned [{two['step_ratio_pinned_lo']:.2f}, "
-            f"{two['step_ratio_pinned_hi']:.2f}]; pinning the lone worker changes its step "
-            f"by x{one['pinned_over_unpinned']:.2f} [{one['lo']:.2f}, {one['hi']:.2f}]. ")
+
+    def txt(row: pd.Series, col: str) -> str:
+        return analysis.point_text(row[col], row[f"{col}_lo"], row[f"{col}_hi"], "{:.2f}")
+
+    head = (f"A 1-worker step over a 2-worker step: {txt(two, 'step_ratio_unpinned')} "
+            f"unpinned, {txt(two, 'step_ratio_pinned')} pinned; pinning the lone worker "
+            "changes its step by x" + analysis.point_text(
+                one["pinned_over_unpinned"], one["lo"], one["hi"], "{:.2f}") + ". ")
     s = analysis.SUPERLINEAR
     if up <= s:
         return head + "Unpinned, a 2-worker step is not faster than a lone worker's here."
