@@ -101,8 +101,11 @@ def point_text(med: float, lo: float = math.nan, hi: float = math.nan,
                 np.isfinite(hi) else "")
 
 
-def latest_session(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the most recent session (`measure.new_session` ids start with the time)."""
+def latest_session(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of the most recent session (`measure.new_session` ids start with the time);
+    an empty frame for None (a results file not measured yet)."""
+    if df is None:
+        return pd.DataFrame()
     if not len(df) or "session" not in df:
         return df
     return df[df["session"].astype(str) == max(df["session"].astype(str))]
