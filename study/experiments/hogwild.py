@@ -302,7 +302,7 @@ def summary_table(df: pd.DataFrame, series: Sequence[str] = SERIES["throughput"]
         if gap is not None and k in gap.index:
             a = gap.loc[k]
             row["acc - seq (pts)"] = analysis.point_text(a["median"], a["lo"], a["hi"], "{:+.2f}")
-        row["staleness"] = float(pd.to_numeric(g.get("staleness_mean")).median()) \
+        row["staleness"] = round(float(pd.to_numeric(g["staleness_mean"]).median()), 2) \
             if "staleness_mean" in g else math.nan
         row["startup s"] = analysis.point_text(*analysis.median_ci(g["startup_s"]), "{:.1f}")
         row["anomaly"] = "; ".join(x for x in (p["anomaly"], s["anomaly"]) if x)
@@ -337,6 +337,28 @@ def pinning_effect(df: pd.DataFrame) -> pd.DataFrame:
         row["pinned_over_unpinned"], row["lo"], row["hi"] = analysis.ratio_ci(pinned, free)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def pinning_table(df: pd.DataFrame | None) -> pd.DataFrame:
+    """`pinning_effect` for reading: medians with their 95% CIs, one line per worker count."""
+    eff = pinning_effect(df)
+    if not len(eff):
+        return eff
+    out = pd.DataFrame({"workers": eff["workers"]})
+    for tag in ("unpinned", "pinned"):
+        if f"step_ms_{tag}" not in eff:
+            continue
+        c = f"step_ms_{tag}"
+        out[f"step ms, {tag}"] = [analysis.point_text(m, lo, hi, "{:.2f}") for m, lo, hi in zip(
+            eff[c], eff[f"{c}_lo"], eff[f"{c}_hi"], strict=True)]
+        c = f"step_ratio_{tag}"
+        out[f"1-worker / W-worker step, {tag}"] = [
+            analysis.point_text(m, lo, hi, "{:.2f}") for m, lo, hi in zip(
+                eff[c], eff[f"{c}_lo"], eff[f"{c}_hi"], strict=True)]
+    out["pinned / unpinned step"] = [analysis.point_text(m, lo, hi, "{:.2f}") for m, lo, hi in
+                                     zip(eff["pinned_over_unpinned"], eff["lo"], eff["hi"],
+                                         strict=True)]
+    return out
 
 
 def pinning_verdict(df: pd.DataFrame) -> str:

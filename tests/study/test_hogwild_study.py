@@ -315,3 +315,11 @@ def test_quick_run_writes_valid_rows(tmp_path, monkeypatch):
         assert sorted(zip(pr["workers"], pr["pinned"], pr["pinned_workers"], strict=True)) == [
             (1, False, 0.0), (1, True, 1.0), (2, False, 0.0), (2, True, 2.0)]
     assert np.isfinite(hw.throughput(runs)["speedup"]).all()
+
+
+def test_pinning_table_reads_medians_with_cis():
+    t = hw.pinning_table(pinning_frame(33.3, 31.0, 31.2))
+    assert t["workers"].tolist() == [1, 2]
+    assert t["step ms, unpinned"].iloc[0].startswith("33.32 [")
+    assert t["1-worker / W-worker step, unpinned"].iloc[1].startswith("1.07 [")
+    assert hw.pinning_table(None).empty
