@@ -17,7 +17,10 @@ from cnn.parallel import kfold
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = kfold.parse_args(list(argv) if argv is not None else None)
+    parser = kfold.build_parser()
+    parser.prog = "python -m study.kfold_serial"
+    parser.description = "Serial k-fold only (the folds one after another in this process)."
+    args = parser.parse_args(list(argv) if argv is not None else None)
     df = kfold.run_kfold(args, serial=True, progress=False,
                          log=None if args.no_progress else print,
                          cpu_interval=args.cpu_interval)
