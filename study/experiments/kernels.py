@@ -94,7 +94,8 @@ def step_configs(pairs: Sequence[tuple[str, int]], shape: str, batch: int,
                                   f" b{batch}" for b, t in pairs])
 
 
-def _row(cfg: Mapping[str, Any], device: str, experiment: str, **fields: Any) -> dict:
+def step_row(cfg: Mapping[str, Any], device: str, experiment: str, **fields: Any) -> dict:
+    """A results row of one configuration (``cfg`` as `step_configs` builds it)."""
     b, t = cfg["backend"], int(cfg["threads"])
     return make_row(experiment=experiment, strategy=steps.STRATEGY.get(b, b), backend=b,
                     processes=1, threads=t, device=device, model=MODEL, dataset="synthetic",
@@ -113,7 +114,7 @@ def time_step(cfg: Mapping[str, Any], experiment: str = "bench_step") -> pd.Data
         setup = steps.make_setup(b, t, batch, steps.parse_shape(cfg["shape"]), cfg["filters"])
         timed = measure.time_calls(setup.step, int(cfg["steps"]), warmup=1, sync=setup.sync)
     median_s = timed["step_ms_median"] / 1e3
-    return to_frame([_row(
+    return to_frame([step_row(
         cfg, setup.device, experiment, samples=batch * int(cfg["steps"]), wall_s=timed["wall_s"],
         compile_s=timed["compile_s"], first_step_s=timed["first_call_s"],
         step_ms_median=timed["step_ms_median"], step_ms_iqr=timed["step_ms_iqr"],
@@ -136,7 +137,7 @@ def time_kernels(cfg: Mapping[str, Any]) -> pd.DataFrame:
             timed = measure.time_calls(k.fn, int(cfg["steps"]), warmup=1, sync=setup.sync,
                                        collect=False)
             s = timed["step_ms_median"] / 1e3
-            rows.append(_row(
+            rows.append(step_row(
                 cfg, setup.device, "bench_kernel", kernel=k.name, direction=k.direction,
                 kernel_flops=k.flops, kernel_bytes=k.nbytes, step_ms_median=s * 1e3,
                 step_ms_iqr=timed["step_ms_iqr"], wall_s=timed["wall_s"],
@@ -158,7 +159,7 @@ def time_roof(cfg: Mapping[str, Any]) -> pd.DataFrame:
         nbytes = int(cfg["mb"]) * measure.MB
         value = measure.copy_gbps(nbytes, int(cfg["repeats"]), threads=t)
         fields = dict(gbytes_per_s=value, kernel_bytes=2.0 * nbytes, kernel=f"copy {cfg['mb']} MB")
-    row = _row(base, "cpu", "bench_roof", **fields)
+    row = step_row(base, "cpu", "bench_roof", **fields)
     row.update(strategy="roof", model=cfg["model"], config=f"{cfg['model']} roof",
                blas_threads=t, input_shape=None, filters=None)
     return to_frame([row])
@@ -193,8 +194,9 @@ def with_roofs(df: pd.DataFrame, roofs: Mapping[tuple[str, int], float]) -> pd.D
     """``pct_gemm_roof`` (and ``pct_copy_roof`` where GB/s are known) at the same threads."""
     out = df.copy()
     t = pd.to_numeric(out["threads"]).astype(int)
-    gemm = t.map(lambda n: roofs.get(("gemm", n), math.nan))
-    out["pct_gemm_roof"] = 100 * pd.to_numeric(out["gflops"]) / gemm
+    if "gflops" in out:
+        gemm = t.map(lambda n: roofs.get(("gemm", n), math.nan))
+        out["pct_gemm_roof"] = 100 * pd.to_numeric(out["gflops"]) / gemm
     if "gbytes_per_s" in out:
         copy = t.map(lambda n: roofs.get(("copy", n), math.nan))
         out["pct_copy_roof"] = 100 * pd.to_numeric(out["gbytes_per_s"]) / copy
