@@ -504,6 +504,14 @@ def headlines(frames: Mapping[str, pd.DataFrame]) -> list[analysis.Headline]:
     return out
 
 
+def headline_frame(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The headlines as a table: label, value with CI, trials, scale, anomaly, note."""
+    hs = headlines({NAME: df} if df is not None and len(df) else {})
+    return pd.DataFrame([{"key": h.key, "headline": h.label, "value [95% CI]": h.text(),
+                          "trials": h.trials, "scale": h.scale, "anomaly": h.anomaly,
+                          "note": h.note} for h in hs]).set_index("key")
+
+
 def compile_headline(df: pd.DataFrame | None) -> analysis.Headline:
     """The cold JIT compile of a training step (fresh process, empty Numba cache)."""
     key, label = "numba_cold_compile", "Numba JIT compile of a training step, cold cache"
