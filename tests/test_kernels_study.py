@@ -146,7 +146,7 @@ def synthetic(scale: str = "standard", experiment: str = "bench_step",
 def test_ratio_headlines_are_ratios_of_medians_with_cis():
     df = pd.concat([synthetic(), synthetic(where=K.MPI, session="s2", factor=0.5)],
                    ignore_index=True)
-    hs = {h.key: h for h in K.headlines({"bench_cpu": df})}
+    hs = {h.key: h for h in K.headlines({K.NAME: df})}
     h = hs["numba2t_vs_numpy_seed"]
     assert h.value == pytest.approx(200 / 100)
     assert h.lo <= h.value <= h.hi and h.hi - h.lo < 0.2
@@ -167,7 +167,7 @@ def test_best_grid_cell_is_labelled_and_quick_rows_are_flagged():
     cells.loc[big & (cells["backend"] == "numpy"), "samples_per_s"] *= 0.5  # 4x there
     table = K.grid_ratios(cells)
     assert sorted(table["ratio"].round(6)) == [2.0, 4.0]
-    best = {h.key: h for h in K.headlines({"bench_cpu": cells})}["numba_vs_numpy_grid_best"]
+    best = {h.key: h for h in K.headlines({K.NAME: cells})}["numba_vs_numpy_grid_best"]
     assert best.value == pytest.approx(4.0)
     assert "best cell of the grid" in best.label and "batch 128" in best.label
     assert "quick-scale rows" in best.anomaly
@@ -202,11 +202,11 @@ def test_trials_are_interleaved_and_rows_saved(monkeypatch, tmp_path):
     rounds = [order[i:i + len(pairs)] for i in range(0, len(order), len(pairs))]
     assert len(rounds) == 3 and all(sorted(r) == sorted(pairs) for r in rounds)
     assert rounds[0] != rounds[1]  # rotated: no series always first
-    df = frames["bench_cpu"]
+    df = frames[K.NAME]
     n = 3 * len(pairs)
     assert len(df) == n and set(df["trial"]) == {0, 1, 2} and df["session"].nunique() == 1
     assert (df["peak_mem_mb"] > 0).all()  # the untimed memory pass, once per configuration
-    saved = schema.load("bench_cpu", "quick")
+    saved = schema.load(K.NAME, "quick")
     assert len(saved) == n
     q = K.ratio(saved, "steps", ("numba", 1), ("numpy", 1), "1x12x12", 4)
     assert q["ratio"] == pytest.approx(np.median(KNOWN["numba", 1][:3])
@@ -216,7 +216,7 @@ def test_trials_are_interleaved_and_rows_saved(monkeypatch, tmp_path):
 def test_a_quick_run_of_roofs_kernels_and_grid_measures_every_part(monkeypatch, tmp_path):
     """The real thing at tiny sizes: rows validate and join up (no timing is read)."""
     monkeypatch.setenv("CNN_RESULTS_DIR", str(tmp_path))
-    df = K.run("quick", parts=["roofs", "kernels", "grid"], log=None)["bench_cpu"]
+    df = K.run("quick", parts=["roofs", "kernels", "grid"], log=None)[K.NAME]
     assert set(df["experiment"]) == {"bench_roof", "bench_kernel", "bench_grid"}
     roofs = K.roofs_of(df)
     assert {m for m, _ in roofs} == {"gemm", "copy"} and all(v > 0 for v in roofs.values())

@@ -5,7 +5,7 @@ reference, the Numba CPU backend and the PyTorch twin, side by side in one proce
     python -m study.experiments.kernels --scale quick
     python -m study.experiments.kernels --parts roofs,steps
 
-Every part writes its rows into ``results/bench_cpu.pkl`` under its own ``experiment``:
+Every part writes its rows into ``results/kernels.pkl`` under its own ``experiment``:
 
   roofs    bench_roof     the host's GEMM GFLOP/s and copy GB/s at each thread count
   steps    bench_step     numpy 1t, numba and torch at each thread count, per input shape
@@ -39,7 +39,7 @@ from study import analysis, measure, schema, steps
 from study.config import DEFAULT_SCALE, preset
 from study.experiments import cli, load_saved
 
-RESULTS = ("bench_cpu",)
+RESULTS = ("kernels",)  # not bench_cpu.pkl: the old-format file stays for its readers
 NAME = RESULTS[0]
 PARTS = ("roofs", "steps", "kernels", "grid", "compile")
 EXPERIMENT = {"roofs": "bench_roof", "steps": "bench_step", "kernels": "bench_kernel",
@@ -49,7 +49,7 @@ SEED_FILTERS = (32, 64)
 #: The configurations headlines are read at: (input shape, batch size), seed CNN filters.
 SEED = ("3x32x32", 128)
 MPI = ("1x28x28", 64)
-SOURCE = "results/bench_cpu.pkl"
+SOURCE = "results/kernels.pkl"
 Log = Callable[[str], Any] | None
 
 
@@ -373,7 +373,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
 
 
 def load(scale: str = DEFAULT_SCALE) -> dict[str, pd.DataFrame]:
-    """The saved ``bench_cpu`` frame (absent until measured)."""
+    """The saved ``kernels`` frame (absent until measured)."""
     return load_saved(RESULTS, scale)
 
 

@@ -4,7 +4,7 @@ Two designed figures for the report: `throughput` (samples/s of NumPy, Numba and
 at 1 and 2 threads, medians with 95% CIs, at the seed and the MPI configurations) and
 `kernel_time` (where a step's time goes, and the roofline of its kernels against the
 measured GEMM and copy roofs). Two more for the notebook: `thread_scaling` and `grid`.
-Every function takes the ``bench_cpu`` frame (`study.experiments.kernels`) and returns a
+Every function takes the ``kernels`` frame (`study.experiments.kernels`) and returns a
 matplotlib figure; what was not measured is an empty panel that says so.
 """
 
