@@ -185,7 +185,8 @@ def test_superlinear_thread_speedup_is_flagged_on_its_rows():
 
 def test_trials_are_interleaved_and_rows_saved(monkeypatch, tmp_path):
     monkeypatch.setenv("CNN_RESULTS_DIR", str(tmp_path))
-    tiny = dict(shapes=("1x12x12",), batches=(4,), threads=(1, 2), steps=2, trials=3)
+    tiny = dict(shapes=("1x12x12",), batches=(4,), threads=(1, 2), steps=2, trials=3,
+                kernel_config=("1x12x12", 4), grid_shape="1x12x12")
     monkeypatch.setattr(K, "preset", lambda family, scale: tiny)
     order = []
 

@@ -1,5 +1,7 @@
-"""Single-process kernels (notebook 02): one training step of the sequential NumPy
-reference, the Numba CPU backend and the PyTorch twin, side by side in one process.
+"""Single-process kernels (notebook 02): NumPy, Numba CPU and PyTorch steps side by side.
+
+One training step of the sequential NumPy reference, the Numba CPU backend and the
+PyTorch twin, timed by the same code in one process.
 
     python -m study.experiments.kernels --help
     python -m study.experiments.kernels --scale quick
@@ -88,8 +90,8 @@ def _say(log: Log, msg: str) -> None:
 def step_configs(pairs: Sequence[tuple[str, int]], shape: str, batch: int,
                  filters: Sequence[int], reps: int) -> measure.Plan:
     """The interleaved plan of one shape/batch/filters cell: one config per series."""
-    configs = [dict(backend=b, threads=t, shape=shape, batch=int(batch),
-                    filters=tuple(filters), steps=reps) for b, t in pairs]
+    configs: list[dict[str, Any]] = [dict(backend=b, threads=t, shape=shape, batch=int(batch),
+                                          filters=tuple(filters), steps=reps) for b, t in pairs]
     return measure.Plan(configs, [f"{steps.series(b, t)} {shape} f{steps.label(filters, ',')}"
                                   f" b{batch}" for b, t in pairs])
 
@@ -231,11 +233,10 @@ def _memory(plan: measure.Plan, log: Log) -> None:
         make = partial(steps.make_setup, cfg["backend"], cfg["threads"], cfg["batch"],
                        steps.parse_shape(cfg["shape"]), cfg["filters"])
         with steps.pinned(cfg["backend"], cfg["threads"]):
-            cfg["peak_mem_mb"] = steps.peak_memory(make)["peak_mem_mb"]  # type: ignore[index]
-    _say(log, "  peak memory: " + ", ".join(f"{lbl.split(' ')[0]} {lbl.split(' ')[1]} "
-                                            f"{c['peak_mem_mb']:.0f} MB"
-                                            for lbl, c in zip(plan.labels, plan.configs,
-                                                              strict=True)))
+            cfg["peak_mem_mb"] = steps.peak_memory(make)["peak_mem_mb"]
+    _say(log, "  peak memory: " + ", ".join(
+        f"{steps.series(c['backend'], c['threads'])} {c['peak_mem_mb']:.0f} MB"
+        for c in plan.configs))
 
 
 def check_agreement(pairs: Sequence[tuple[str, int]], shapes: Sequence[str], log: Log) -> None:
@@ -254,7 +255,6 @@ def check_agreement(pairs: Sequence[tuple[str, int]], shapes: Sequence[str], log
 
 def run_steps(p: Mapping[str, Any], scale: str, session: str, log: Log) -> pd.DataFrame:
     pairs = series_plan(p["threads"], log=log)
-    check_agreement(pairs, p["shapes"], log)
     frames = []
     for shape in p["shapes"]:
         for batch in p["batches"]:
@@ -295,7 +295,7 @@ def run_roofs(p: Mapping[str, Any], scale: str, session: str, log: Log) -> pd.Da
 
 def run_grid(p: Mapping[str, Any], scale: str, session: str, log: Log) -> pd.DataFrame:
     pairs = series_plan(p["threads"], backends=("numpy", "numba"), log=log)
-    top = max(t for b, t in pairs if b == "numba")
+    top = max((t for b, t in pairs if b == "numba"), default=1)
     pairs = [(b, t) for b, t in pairs if t in (1, top)]
     frames = []
     # small cells first: a big step leaves state behind that slows a small one after it
@@ -349,8 +349,9 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         log: Log = print) -> dict[str, pd.DataFrame]:
     """Measure the chosen parts (default all), save each as it finishes, return the file.
 
-    Steps and kernels get ``pct_gemm_roof`` from this session's roofs, else from the
-    latest roofs saved for this host at this scale.
+    Before any step is timed, every backend's step is checked against NumPy's at each
+    input shape (`check_agreement`). Steps and kernels get ``pct_gemm_roof`` from this
+    session's roofs, else from the latest roofs saved for this host at this scale.
     """
     chosen = list(PARTS if parts is None else parts)
     unknown = sorted(set(chosen) - set(PARTS))
@@ -361,9 +362,15 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
     saved = load_saved(RESULTS, scale).get(NAME)
     host = runinfo.run_info()["host"]
     roofs = roofs_of(saved, host)
+    if {"steps", "kernels", "grid"} & set(chosen):
+        shapes = dict.fromkeys([*p["shapes"], p["kernel_config"][0], p["grid_shape"]])
+        check_agreement(series_plan(p["threads"], log=None), list(shapes), log)
     for part in [x for x in PARTS if x in chosen]:
         _say(log, f"== {part} ({EXPERIMENT[part]}), scale {scale}")
         df = RUNNERS[part](p, scale, session, log)
+        if not len(df):
+            _say(log, f"{part}: nothing could run here")
+            continue
         if part == "roofs":
             roofs = roofs_of(df)
         elif part in ("steps", "kernels", "grid"):

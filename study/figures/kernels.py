@@ -153,9 +153,9 @@ def kernel_time(df: pd.DataFrame | None) -> Any:
     ax_a.errorbar(x, tot["median"], yerr=[np.nan_to_num(tot["median"] - tot["lo"]),
                                           np.nan_to_num(tot["hi"] - tot["median"])],
                   fmt="none", color="#444444", capsize=3)
-    whole = analysis.points(at(K.rows_of(df, "steps"), shape, batch), ["series"],
-                            "step_ms_median").set_index("series") if len(
-        K.rows_of(df, "steps")) else pd.DataFrame()
+    step_rows = at(K.rows_of(df, "steps"), shape, batch)
+    whole = analysis.points(step_rows, ["series"], "step_ms_median").set_index("series") \
+        if len(step_rows) else pd.DataFrame()
     if len(whole):
         w = whole.reindex(names)
         ax_a.scatter(x, w["median"], marker="_", s=400, color="black", zorder=4,
