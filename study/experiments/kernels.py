@@ -301,7 +301,7 @@ def run_grid(p: Mapping[str, Any], scale: str, session: str, log: Log) -> pd.Dat
     # small cells first: a big step leaves state behind that slows a small one after it
     for batch in sorted(p["grid_batches"]):
         for filters in sorted(p["grid_filters"]):
-            plan = step_configs(pairs, p["grid_shape"], batch, filters, p["steps"])
+            plan = step_configs(pairs, p["grid_shape"], batch, filters, p["grid_steps"])
             frames.append(measure.run_interleaved(
                 plan, partial(time_step, experiment="bench_grid"), p["trials"], log=log,
                 quiet=scale != "quick"))
