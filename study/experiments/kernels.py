@@ -219,7 +219,6 @@ def flag_speedups(df: pd.DataFrame) -> pd.DataFrame:
     pts = analysis.speedups(df, "samples_per_s", series=("backend",))
     if not len(pts):
         return df
-    pts["workers"] = pts["workers"].astype(int)  # rows hold integers: join on the same text
     return analysis.flag_rows(df, pts, ["host", "session", "config", "backend", "workers"])
 
 
