@@ -11,7 +11,7 @@ from cnn import data
 from cnn.errors import DivergenceError
 from cnn.models import seed_cnn
 from cnn.optim import make_optimizer, make_schedule
-from cnn.results import COLUMNS
+from cnn.metrics import COLUMNS
 from cnn.train import CHECKPOINT, fit, main
 
 
