@@ -45,6 +45,11 @@ from cnn.backends import _numba_kernels as K
 from cnn.backends.numpy_seq import copy_into, device_name, from_host, to_host, zeros  # noqa: F401
 from cnn.errors import BackendUnavailable, ShapeError
 
+#: The jitted kernels behind this module, public for the kernel ladder
+#: (``benchmarks/kernels/``), whose intermediate versions call the same BLAS and im2col
+#: helpers and whose production rungs are this module's own functions.
+kernels = K
+
 NAME = "numba"
 DESCRIPTION = "Numba CPU, prange over images/blocks, im2col + per-thread BLAS sgemm"
 
