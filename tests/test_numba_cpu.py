@@ -483,6 +483,34 @@ def test_pool_stays_under_its_cap_across_large_shapes(monkeypatch):
         NB.release_pool()
 
 
+def test_a_new_workload_trims_the_previous_ones_free_arrays(monkeypatch):
+    """After steps of one configuration, the first step of another drops the first one's
+    free arrays (down to POOL_IDLE_BYTES) instead of keeping them up to the cap."""
+    from cnn.models import seed_cnn
+
+    monkeypatch.setattr(NB, "POOL_IDLE_BYTES", 1 << 20)
+    rng = np.random.default_rng(0)
+
+    def steps(shape, batch, times=2):
+        net = seed_cnn(shape, backend="numba", threads=2)
+        x = rng.standard_normal((batch, *shape)).astype(np.float32)
+        y = rng.integers(0, 10, batch)
+        for _ in range(times):
+            net.loss_and_grad(x, y)
+
+    try:
+        NB.release_pool()
+        steps((1, 28, 28), 48)
+        alone = NB.pool_stats()["bytes"]
+        NB.release_pool()
+        steps((3, 32, 32), 96)  # another configuration first (~32 MB)
+        assert NB.pool_stats()["bytes"] > alone + (8 << 20)
+        steps((1, 28, 28), 48)
+        assert _held(NB.pool_stats()) <= alone + (1 << 20)
+    finally:
+        NB.release_pool()
+
+
 def test_pool_cap_from_the_environment():
     code = "from cnn.backends import numba_cpu as B; print(B.POOL_BYTES)"
     for value, ok in (("12", True), ("-3", False), ("lots", False)):

@@ -69,6 +69,10 @@ _POOL_PER_SHAPE = 6
 #: Default cap on the bytes the pool holds (in use or free, all shapes, all Python threads).
 POOL_BYTES_DEFAULT = 1 << 30
 POOL_ENV = "CNN_NUMBA_POOL_MB"
+#: Free bytes the pool keeps when a shape it does not hold is requested (a new workload,
+#: most likely): the rest of the free arrays, least recently used first, are dropped, so
+#: the previous workload's arrays do not sit in memory up to the cap.
+POOL_IDLE_BYTES = 64 << 20
 
 
 def _pool_limit_from_env() -> int:
@@ -245,7 +249,9 @@ class _Pool:
     view or reference elsewhere blocks reuse), so callers never share one. A request that
     cannot fit even after dropping every free array is allocated without pooling and
     drops nothing: a request larger than the cap used to empty the pool, so a step with
-    one such array re-allocated (and page-faulted) all of its arrays on every call."""
+    one such array re-allocated (and page-faulted) all of its arrays on every call. A
+    request for a shape the pool does not hold first trims the free arrays to
+    ``POOL_IDLE_BYTES``: a step that repeats the previous one's shapes never trims."""
 
     def __init__(self):
         self.arrays: dict[tuple, list[np.ndarray]] = {}
@@ -258,61 +264,67 @@ class _Pool:
             return np.empty(shape, dtype)
         key = (shape, dtype.str)
         with self.lock:
+            # the key is out of the dict while we decide: trimming never touches it
             arrays = self.arrays.pop(key, None)
+            if arrays:
+                for i in range(len(arrays) - 1, -1, -1):
+                    # references: the list, and getrefcount's own argument
+                    if sys.getrefcount(arrays[i]) == 2:
+                        a = arrays.pop(i)
+                        arrays.append(a)  # most recently handed out last: likely in cache
+                        self.arrays[key] = arrays  # most recently used key last
+                        return a
+            self.misses += 1
             if arrays is None:
                 arrays = []
-            self.arrays[key] = arrays  # most recently used key last
-            for i in range(len(arrays) - 1, -1, -1):
-                # references: the list, and getrefcount's own argument
-                if sys.getrefcount(arrays[i]) == 2:
-                    a = arrays.pop(i)
-                    arrays.append(a)  # most recently handed out last: likely still in cache
-                    return a
-            self.misses += 1
+                free = self._free_bytes()
+                if free > POOL_IDLE_BYTES:
+                    self._drop_free(free - POOL_IDLE_BYTES)
             a = np.empty(shape, dtype)
             if len(arrays) < _POOL_PER_SHAPE and self._make_room(a.nbytes):
                 arrays.append(a)
                 self.nbytes += a.nbytes
-            elif not arrays:
-                del self.arrays[key]
+            if arrays:
+                self.arrays[key] = arrays
             return a
 
     def _free_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.arrays.values() for a in arrays
                    if sys.getrefcount(a) == 3)  # the list, the loop variable, the argument
 
-    def _make_room(self, nbytes: int) -> bool:
-        """Drop free arrays of the least recently used shapes until ``nbytes`` more fit;
-        drop nothing (and return False) when even dropping every free array would not."""
-        if self.nbytes + nbytes <= POOL_BYTES:
-            return True
-        if self.nbytes - self._free_bytes() + nbytes > POOL_BYTES:
-            return False
+    def _drop_free(self, excess: float) -> int:
+        """Drop free arrays, least recently used shapes first, until ``excess`` bytes are
+        gone or none is left; returns the bytes dropped."""
+        dropped = 0
         for key in list(self.arrays):
             arrays = self.arrays[key]
             for i in range(len(arrays) - 1, -1, -1):
+                if dropped >= excess:
+                    break
                 if sys.getrefcount(arrays[i]) == 2:
-                    self.nbytes -= arrays.pop(i).nbytes
-                    if self.nbytes + nbytes <= POOL_BYTES:
-                        break
+                    dropped += arrays.pop(i).nbytes
             if not arrays:
                 del self.arrays[key]
-            if self.nbytes + nbytes <= POOL_BYTES:
-                return True
-        return False
+            if dropped >= excess:
+                break
+        self.nbytes -= dropped
+        return dropped
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drop free arrays of the least recently used shapes until ``nbytes`` more fit;
+        drop nothing (and return False) when even dropping every free array would not."""
+        over = self.nbytes + nbytes - POOL_BYTES
+        if over <= 0:
+            return True
+        if over > self._free_bytes():
+            return False
+        self._drop_free(over)
+        return True
 
     def release(self) -> int:
         """Drop every free array; the bytes dropped."""
         with self.lock:
-            before = self.nbytes
-            for key in list(self.arrays):
-                arrays = self.arrays[key]
-                for i in range(len(arrays) - 1, -1, -1):
-                    if sys.getrefcount(arrays[i]) == 2:
-                        self.nbytes -= arrays.pop(i).nbytes
-                if not arrays:
-                    del self.arrays[key]
-            return before - self.nbytes
+            return self._drop_free(float("inf"))
 
     def stats(self) -> dict[str, int]:
         with self.lock:
