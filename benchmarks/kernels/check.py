@@ -1,6 +1,9 @@
 """The one checker: every version of every op against the NumPy reference
 (``cnn.backends.numpy_seq`` in float64) on every check case, at 1 thread and at the most
 threads; versions that claim it must also give the same bits at every thread count.
+
+The full check (not ``quick``) also runs the shapes the timer measures, so every timed
+configuration is a checked one.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _run(version: Version, inputs: dict, threads: int) -> tuple:
 
 def check_op(op: Op, quick: bool, threads: Sequence[int], only: Sequence[str] = ()
              ) -> list[Result]:
-    cases = op.checks(quick)
+    cases = op.checks(quick) + ([] if quick else op.timings(False))
     data = []
     for i, case in enumerate(cases):
         inputs = op.make(case, np.random.default_rng(1000 + i))

@@ -410,9 +410,8 @@ def _blocked(x, dy, w2, k, s, p, oh_n, ow_n, blocks, dwb, need_dx, dx, cols, dco
 
 
 def v8(a: dict):
-    """Candidate: dW without partial buffers: tasks own 16 output channels and sum over
-    all images in order straight into dW (no 16 partials to write and add), at the price
-    of one im2col per image per task; dX per image in a second parallel loop."""
+    """Candidate: dW without partial buffers, tasks owning 16 output channels summing all
+    images in order straight into dW (one im2col per image per task); dX in a second loop."""
     x, w = a["x"], a["w"]
     n, c, h, wd = x.shape
     o, _, k, _ = w.shape
@@ -517,9 +516,8 @@ def _fused(x, dyp, arg, ypool, offs, ps, w2, k, p, oh_n, ow_n, chunk_lo, worker_
 
 
 def fused_v2(a: dict):
-    """Candidate, fewer passes over activations: the pooled gradient is unpooled (through
-    the argmax and the ReLU mask) one image at a time into per-thread scratch and fed to
-    the conv backward from cache; the full-size dY of the conv is never written."""
+    """Candidate, fewer passes over activations: dY unpooled (argmax, ReLU mask) per image
+    into per-thread scratch and fed to the conv backward from cache, never written out."""
     x, w = a["x"], a["w"]
     o, c, k, _ = w.shape
     shift = a["s"] == 1 and c * k * k >= o

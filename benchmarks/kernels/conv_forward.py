@@ -301,9 +301,8 @@ def _direct(x, w, b, s, p, relu, y, ob):
 
 
 def v9(a: dict):
-    """Candidate: direct convolution, no column matrix: each input row feeds 8 output
-    channels' rows (k*k shifted FMAs along the row); for small C*k*k (conv1: 9 or 27 taps)
-    the im2col copy and a thin GEMM cost more than the arithmetic."""
+    """Candidate: direct convolution, each input row feeding 8 output channels' rows: no
+    column matrix, which for conv1's 9 or 27 taps costs more than its thin GEMM."""
     def run():
         y = np.empty(_out_shape(a), a["x"].dtype)
         _direct(a["x"], a["w"], a["b"], a["s"], a["p"], a["relu"], y, DIRECT_OC)
@@ -355,9 +354,8 @@ def _grouped(x, wb, k, s, p, oh_n, ow_n, y, cols, xpad, ypad, relu, shift, group
 
 
 def v10(a: dict):
-    """Candidate: larger per-thread tiles, 4 images' columns side by side in one GEMM
-    (fewer, wider GEMM calls; NOTES item 3 saw no gain in the forward at G = 2..16 when
-    every layer used the shift layout; re-measured here with the production layout rule)."""
+    """Candidate: larger per-thread tiles, 4 images' columns side by side in one wider GEMM
+    (item 3 saw no gain when every layer used the shift layout; re-measured here)."""
     n, o, oh, ow = _out_shape(a)
     c, k, s, p = a["x"].shape[1], a["w"].shape[2], a["s"], a["p"]
     shift = s == 1 and c * k * k >= o
@@ -454,10 +452,8 @@ def _conv_relu_pool(x, wb, k, s, p, oh_n, ow_n, pk, ps, y, arg, cols, xpad, ypad
 
 
 def pool_v2(a: dict):
-    """Candidate, fewer passes over activations: conv+ReLU one image at a time into
-    per-thread scratch and pooled from there while in cache; the full-size activation is
-    never written (the fused backward recomputes nothing from it: it needs the pooled
-    values and argmax only)."""
+    """Candidate, fewer passes over activations: conv+ReLU per image into per-thread scratch,
+    pooled from cache; the full-size activation is never written to memory."""
     n, o, oh, ow = _out_shape(a)
     c, k, s, p, pk, ps = a["x"].shape[1], a["w"].shape[2], a["s"], a["p"], a["pk"], a["ps"]
     shift = s == 1 and c * k * k >= o
