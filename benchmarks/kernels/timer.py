@@ -2,7 +2,7 @@
 
 * Thread pools pinned: Numba threads per cell, BLAS on 1 thread (``numba_cpu.configure``).
 * The backend's recycled-array pool behaves as in a training loop, where shapes repeat:
-  cycling through many cells' shapes must not make it trim (``POOL_IDLE_BYTES``).
+  cycling through many cells' shapes must not make it drop idle shapes (``POOL_IDLE_TAKES``).
 * The first call (JIT compile or cache load, first-touch allocation) is timed apart and
   reported as ``compile_s``; one more untimed call sizes the repetitions of a sample.
 * Trials are interleaved: each trial runs one sample of every cell (version x shape x
@@ -167,12 +167,12 @@ def run_timer(ops: Sequence[Op], quick: bool = False, threads: Sequence[int] | N
         raise ValueError(f"{max(threads)} threads > NUMBA_NUM_THREADS={NB.max_threads()}; "
                          "set NUMBA_NUM_THREADS before Python starts")
     min_time = min_time if min_time is not None else (0.002 if quick else 0.05)
-    idle = NB.POOL_IDLE_BYTES
-    NB.POOL_IDLE_BYTES = NB.POOL_BYTES
+    idle = NB.POOL_IDLE_TAKES
+    NB.POOL_IDLE_TAKES = 1 << 62
     try:
         return _run_timer(ops, quick, threads, trials, only, min_time, out, echo)
     finally:
-        NB.POOL_IDLE_BYTES = idle
+        NB.POOL_IDLE_TAKES = idle
 
 
 def _run_timer(ops: Sequence[Op], quick: bool, threads: list[int], trials: int,

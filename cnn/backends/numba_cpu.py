@@ -69,10 +69,10 @@ _POOL_PER_SHAPE = 6
 #: Default cap on the bytes the pool holds (in use or free, all shapes, all Python threads).
 POOL_BYTES_DEFAULT = 1 << 30
 POOL_ENV = "CNN_NUMBA_POOL_MB"
-#: Free bytes the pool keeps when a shape it does not hold is requested (a new workload,
-#: most likely): the rest of the free arrays, least recently used first, are dropped, so
-#: the previous workload's arrays do not sit in memory up to the cap.
-POOL_IDLE_BYTES = 64 << 20
+#: A shape not requested in this many poolable requests (about 40 training steps of the
+#: seed CNN) is idle: its free arrays are dropped, so a finished workload's arrays (a big
+#: evaluation, an earlier configuration) do not sit in memory up to the cap.
+POOL_IDLE_TAKES = 1024
 
 
 def _pool_limit_from_env() -> int:
@@ -249,12 +249,14 @@ class _Pool:
     view or reference elsewhere blocks reuse), so callers never share one. A request that
     cannot fit even after dropping every free array is allocated without pooling and
     drops nothing: a request larger than the cap used to empty the pool, so a step with
-    one such array re-allocated (and page-faulted) all of its arrays on every call. A
-    request for a shape the pool does not hold first trims the free arrays to
-    ``POOL_IDLE_BYTES``: a step that repeats the previous one's shapes never trims."""
+    one such array re-allocated (and page-faulted) all of its arrays on every call. Every
+    ``POOL_IDLE_TAKES`` requests, the free arrays of shapes not requested since the last
+    such sweep are dropped; a workload that repeats its shapes keeps all of its arrays."""
 
     def __init__(self):
         self.arrays: dict[tuple, list[np.ndarray]] = {}
+        self.last: dict[tuple, int] = {}  # request count at each shape's last request
+        self.takes = 0
         self.nbytes = 0
         self.misses = 0  # poolable requests that found no free array
         self.lock = threading.Lock()
@@ -264,51 +266,54 @@ class _Pool:
             return np.empty(shape, dtype)
         key = (shape, dtype.str)
         with self.lock:
-            # the key is out of the dict while we decide: trimming never touches it
-            arrays = self.arrays.pop(key, None)
-            if arrays:
-                for i in range(len(arrays) - 1, -1, -1):
-                    # references: the list, and getrefcount's own argument
-                    if sys.getrefcount(arrays[i]) == 2:
-                        a = arrays.pop(i)
-                        arrays.append(a)  # most recently handed out last: likely in cache
-                        self.arrays[key] = arrays  # most recently used key last
-                        return a
+            self.takes += 1
+            if self.takes % POOL_IDLE_TAKES == 0:
+                self._drop_idle()
+            self.last[key] = self.takes
+            arrays = self.arrays.pop(key, [])
+            self.arrays[key] = arrays  # most recently used key last
+            for i in range(len(arrays) - 1, -1, -1):
+                # references: the list, and getrefcount's own argument
+                if sys.getrefcount(arrays[i]) == 2:
+                    a = arrays.pop(i)
+                    arrays.append(a)  # most recently handed out last: likely still in cache
+                    return a
             self.misses += 1
-            if arrays is None:
-                arrays = []
-                free = self._free_bytes()
-                if free > POOL_IDLE_BYTES:
-                    self._drop_free(free - POOL_IDLE_BYTES)
             a = np.empty(shape, dtype)
             if len(arrays) < _POOL_PER_SHAPE and self._make_room(a.nbytes):
                 arrays.append(a)
                 self.nbytes += a.nbytes
-            if arrays:
-                self.arrays[key] = arrays
             return a
 
     def _free_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.arrays.values() for a in arrays
                    if sys.getrefcount(a) == 3)  # the list, the loop variable, the argument
 
-    def _drop_free(self, excess: float) -> int:
-        """Drop free arrays, least recently used shapes first, until ``excess`` bytes are
-        gone or none is left; returns the bytes dropped."""
+    def _drop_free(self, excess: float, keys: list[tuple] | None = None) -> int:
+        """Drop free arrays of ``keys`` (default: all, least recently used first) until
+        ``excess`` bytes are gone or none is left; returns the bytes dropped."""
         dropped = 0
-        for key in list(self.arrays):
+        for key in list(self.arrays) if keys is None else keys:
             arrays = self.arrays[key]
             for i in range(len(arrays) - 1, -1, -1):
                 if dropped >= excess:
                     break
                 if sys.getrefcount(arrays[i]) == 2:
                     dropped += arrays.pop(i).nbytes
-            if not arrays:
-                del self.arrays[key]
             if dropped >= excess:
                 break
         self.nbytes -= dropped
         return dropped
+
+    def _drop_idle(self) -> None:
+        """Forget shapes idle for ``POOL_IDLE_TAKES`` requests: their free arrays go."""
+        idle = [k for k, t in self.last.items() if self.takes - t >= POOL_IDLE_TAKES]
+        self._drop_free(float("inf"), [k for k in idle if k in self.arrays])
+        for key in idle:
+            if not self.arrays.get(key, True):
+                del self.arrays[key]
+            if key not in self.arrays:
+                del self.last[key]
 
     def _make_room(self, nbytes: int) -> bool:
         """Drop free arrays of the least recently used shapes until ``nbytes`` more fit;
@@ -324,7 +329,11 @@ class _Pool:
     def release(self) -> int:
         """Drop every free array; the bytes dropped."""
         with self.lock:
-            return self._drop_free(float("inf"))
+            dropped = self._drop_free(float("inf"))
+            for key in [k for k, v in self.arrays.items() if not v]:
+                del self.arrays[key]
+                self.last.pop(key, None)
+            return dropped
 
     def stats(self) -> dict[str, int]:
         with self.lock:
