@@ -3,7 +3,7 @@ their versions share.
 
 A *version* is a function ``vN(a: dict) -> Callable[[], tuple]``: given one case's inputs
 it does its untimed set-up (scratch, private copies of in-place state) and returns the
-call the checker compares and the timer times. Its docstring's first line says what
+call the checker compares and the timer times. Its docstring's first paragraph says what
 changed against the version before it, and why. An *op* is one kernel contract (inputs,
 NumPy reference, FLOP and byte counts) with its versions v1..vN in order: the naive loop
 nest first, today's production kernel (imported from ``cnn.backends.numba_cpu``, never
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -89,14 +89,6 @@ class Op:
     flops: Callable[[Case], float]
     nbytes: Callable[[Case], float]  # bytes a kernel must at least read and write
     rtol: float = 1e-4
-    notes: str = field(default="")
-
-    def version(self, name: str) -> Version:
-        for v in self.versions:
-            if v.name == name:
-                return v
-        raise KeyError(f"{self.name} has no version {name!r} (has "
-                       f"{', '.join(v.name for v in self.versions)})")
 
 
 def f64(a: dict) -> dict:
