@@ -9,9 +9,9 @@ import pytest
 
 from cnn import data
 from cnn.errors import DivergenceError
+from cnn.metrics import COLUMNS
 from cnn.models import seed_cnn
 from cnn.optim import make_optimizer, make_schedule
-from cnn.metrics import COLUMNS
 from cnn.train import CHECKPOINT, fit, main
 
 
