@@ -28,10 +28,22 @@ __all__ = ["ArgumentParser", "check_outputs", "flag", "int_at_least", "is_weight
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``prog: error: ... (see --help)``), exit status 2."""
+    """argparse with a one-line error (``prog: error: ... (see --help)``), exit status 2.
+
+    ``quiet=True`` prints neither errors nor help but exits the same way: for the MPI
+    ranks other than 0, so a user reads one copy, not one per rank.
+    """
+
+    def __init__(self, *args: Any, quiet: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, None if self.quiet else f"{self.prog}: error: {message} (see --help)\n")
+
+    def print_help(self, file: Any = None) -> None:
+        if not self.quiet:
+            super().print_help(file)
 
 
 def flag(dest: str) -> str:
