@@ -199,11 +199,16 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None) -> argpar
 
 def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Call a CLI's ``main``; a :class:`CnnError` prints ``error: <message>`` on stderr and
-    gives exit status 2 (no traceback: the message says what is wrong and what to do)."""
+    gives exit status 2 (no traceback: the message says what is wrong and what to do);
+    Ctrl-C, once ``main`` has cleaned up, prints ``interrupted`` and gives 130."""
     try:
         main(argv)
     except CnnError as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0

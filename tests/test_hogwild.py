@@ -103,6 +103,35 @@ def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path):
     assert not _segments(proc.pid)
 
 
+def test_ctrl_c_stops_everything_and_cleans_up():
+    """Ctrl-C in a terminal interrupts the whole process group: parent and workers."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2", "--dataset",
+           "digits", "--epochs", "500", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _segments(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "never started"
+            time.sleep(0.05)
+        time.sleep(1.0)  # workers started and training
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert not _segments(proc.pid)
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits after it
+    while (left := subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True,
+                                  text=True).stdout) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == "", f"processes left in the session: {left}"
+
+
 def test_a_stalled_worker_is_named_by_the_epoch_timeout(digits):
     """Before: no default timeout, and the message could blame the wrong worker."""
     train, test = digits
