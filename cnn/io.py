@@ -52,20 +52,34 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     gets the umask's default (0644 under umask 022) rather than mkstemp's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the caller asked for, not the temporary one
+        raise _naming(exc, path) from exc
     try:
         with os.fdopen(fd, mode) as fh:
             os.fchmod(fh.fileno(), _final_mode(path))
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:  # a full disk shows here
+                raise _naming(exc, path) from exc
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same kind of OSError, about ``path``."""
+    return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}", str(path))
 
 
 def save_pickle(obj: Any, path: str | os.PathLike) -> Path:

@@ -52,3 +52,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_errors_name_the_requested_file_not_the_temporary_one(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    target = tmp_path / "file" / "m.pkl"
+    with pytest.raises(OSError, match=f"cannot write {target}") as err, \
+            atomic_write(target) as fh:
+        fh.write(b"x")
+    assert ".tmp" not in str(err.value)
