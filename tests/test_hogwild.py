@@ -83,13 +83,15 @@ def test_two_workers_learn_digits_like_sequential(digits, lock):
         assert (df["overlap_frac"] == 0).all()
 
 
-def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path):
+@pytest.mark.parametrize("max_steps", [5, 30])
+def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path, max_steps):
     """Before: both workers waited forever on the shared semaphore (a worker with an empty
-    shard took a second permit). One core makes the race deterministic."""
+    shard took a second permit). One core makes the race deterministic. 22 steps/epoch:
+    5 ends inside epoch 1, 30 (the issue's command) inside epoch 2."""
     m = tmp_path / "m.pkl"
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2",
-           "--dataset", "digits", "--max-steps", "30", "--batch-size", "64", "--no-progress",
-           "--save-metrics", str(m)]
+           "--dataset", "digits", "--max-steps", str(max_steps), "--batch-size", "64",
+           "--no-progress", "--save-metrics", str(m)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=180)
@@ -98,8 +100,10 @@ def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path):
     assert proc.returncode == 0, err
     df = pd.read_pickle(m)
     spe = math.ceil(len(data.load("digits", "train")[1]) / 64)
-    assert df["updates"].tolist() == [spe, 30 - spe] and df["step"].tolist() == [spe, 30]
-    assert df["complete_epoch"].tolist() == [True, False]
+    full, rest = divmod(max_steps, spe)
+    assert df["updates"].tolist() == [spe] * full + [rest]
+    assert df["step"].tolist() == [spe * (e + 1) for e in range(full)] + [max_steps]
+    assert df["complete_epoch"].tolist() == [True] * full + [False]
     assert not _segments(proc.pid)
 
 
