@@ -21,7 +21,6 @@ from cnn.parallel.mpi import (
     Bucket,
     build_parser,
     compare_flags,
-    loss_and_grad_hooked,
     make_buckets,
     shard_bounds,
 )
@@ -115,12 +114,14 @@ def test_buckets_cover_the_gradient_buffer_backwards():
     assert make_buckets(net, 1)[0] == Bucket(9, net.slot("9.weight").offset, net.num_params)
 
 
-def test_hooked_backward_is_loss_and_grad():
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_hooked_backward_is_loss_and_grad(backend):
     (x, y) = data.load("digits", "train", subset=24)
-    a, b = seed_cnn((1, 8, 8), padding=1, seed=1), seed_cnn((1, 8, 8), padding=1, seed=1)
+    a = seed_cnn((1, 8, 8), padding=1, seed=1, backend=backend)
+    b = seed_cnn((1, 8, 8), padding=1, seed=1, backend=backend)
     seen = []
     la = a.loss_and_grad(x, y)
-    lb = loss_and_grad_hooked(b, x, y, seen.append)
+    lb = b.loss_and_grad(x, y, on_layer=seen.append)
     assert la == lb
     np.testing.assert_array_equal(a.grads, b.grads)
     assert seen == list(range(9, -1, -1))

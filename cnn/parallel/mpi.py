@@ -86,7 +86,6 @@ from cnn.parallel.mpi_strategies import (
     Bucket,
     CollectiveError,
     Run,
-    loss_and_grad_hooked,
     make_buckets,
     shard_bounds,
     train_async,
@@ -95,7 +94,7 @@ from cnn.parallel.mpi_strategies import (
 from cnn.train import add_training_args, finish_run, load_data, save_partial_metrics
 
 __all__ = ["STRATEGIES", "Bucket", "CollectiveError", "build_parser", "compare_flags",
-           "loss_and_grad_hooked", "main", "make_buckets", "parse_failure",
+           "main", "make_buckets", "parse_failure",
            "release_shm_names", "run_or_abort", "shard_bounds"]
 
 STRATEGIES: tuple[str, ...] = ("allreduce", "param-server", "async-param-server", "model-average")

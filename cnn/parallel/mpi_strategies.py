@@ -79,24 +79,6 @@ def make_buckets(net: Network, bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def loss_and_grad_hooked(net: Network, x, y, on_layer: Callable[[int], None]) -> float:
-    """``net.loss_and_grad`` with ``on_layer(i)`` called right after layer ``i``'s backward.
-
-    The same eight lines as :meth:`Network.loss_and_grad` (kept in step by a test), with a
-    hook: it lets ``--overlap`` start reducing a bucket while the layers below still run.
-    """
-    x = net._check_x(x)
-    y = net._check_y(y, x.shape[0])
-    logits, ctxs = net._forward(x)
-    loss, d = net.backend.softmax_cross_entropy(logits, y)
-    for i in range(len(net.layers) - 1, net._first_param_layer - 1, -1):
-        d = net.layers[i].backward(net.backend, d, ctxs[i], net._pviews[i], net._gviews[i],
-                                   need_dx=i > net._first_param_layer)
-        on_layer(i)
-    return float(loss)
-
-
-
 # --- the run context -----------------------------------------------------------------
 
 @dataclass
@@ -283,7 +265,7 @@ def overlap_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
             run.comm_s += time.perf_counter() - t0
 
         if hi > lo:
-            loss = loss_and_grad_hooked(net, xb[lo:hi], yb[lo:hi], start)
+            loss = net.loss_and_grad(xb[lo:hi], yb[lo:hi], on_layer=start)
         else:
             loss = 0.0
             grads[...] = 0
