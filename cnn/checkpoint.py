@@ -17,6 +17,12 @@ checkpoint in place and loadable.
 
 >>> save("ckpt.npz", {"w": np.zeros(3)}, {"step": 10})          # doctest: +SKIP
 >>> arrays, meta = load("ckpt.npz")                             # doctest: +SKIP
+
+Stopping on a signal (a batch system's warning before a time limit or a preemption):
+:class:`StopFlag` turns SIGTERM, SIGINT and SIGUSR1 into a flag the training loops read
+between steps; they write one checkpoint, raise :class:`Stopped`, and the CLIs exit
+with :data:`EXIT_REQUEUE` (75, ``EX_TEMPFAIL``: "checkpointed, run me again with
+--resume"). A second SIGINT (Ctrl-C twice) interrupts at once.
 """
 
 from __future__ import annotations
@@ -24,14 +30,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import threading
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 
+from cnn.cli import flag, values_equal
 from cnn.errors import CheckpointError
 from cnn.io import atomic_write
 
@@ -40,7 +51,15 @@ FORMAT = "cnn-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "__meta__"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META_KEY", "jsonable", "load", "save", "versions"]
+#: Exit status of a run that stopped on a signal after writing its checkpoint: run the same
+#: command again with ``--resume`` (``scripts/slurm_mpi.sbatch`` requeues the job on it).
+EXIT_REQUEUE = 75
+#: The signals that ask a run to checkpoint and stop.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+__all__ = ["EXIT_REQUEUE", "FORMAT", "FORMAT_VERSION", "META_KEY", "STOP_SIGNALS", "Hooks",
+           "StopFlag", "Stopped", "changed_flags", "jsonable", "load", "refuse_changes",
+           "save", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -151,3 +170,110 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]
             f"{FORMAT_VERSION} and older: upgrade cnn to resume it")
     return arrays, meta
 
+
+
+# --- comparing a checkpoint's run with the one resuming it -----------------------------
+
+def changed_flags(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between a checkpoint's ``saved`` flags and ``now``
+    (present in one only counts as different); NaN equals NaN."""
+    now = jsonable(dict(now))
+    return [k for k in sorted(set(saved) | set(now))
+            if k not in saved or k not in now or not values_equal(saved[k], now[k])]
+
+
+def refuse_changes(path: str | os.PathLike, saved: Mapping[str, Any],
+                   now: Mapping[str, Any], first: tuple[str, ...] = ()) -> None:
+    """Raise :class:`CheckpointError` naming every flag (``--model was 'seed_cnn', now
+    'lenet5'``) that differs between the run that wrote ``path`` and this one; the flags in
+    ``first`` are named first (the ones that matter most: model, dataset, strategy)."""
+    diff = changed_flags(saved, now)
+    if not diff:
+        return
+    now = jsonable(dict(now))
+    diff.sort(key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
+    parts = [f"{flag(k)} was {saved.get(k, 'not set')!r}, now {now.get(k, 'not set')!r}"
+             for k in diff]
+    raise CheckpointError(f"--resume: the checkpoint {path} was written by a different run: "
+                          f"{'; '.join(parts)}. Resume with the same flags, or start a new run "
+                          f"in another --checkpoint-dir")
+
+
+# --- stopping on a signal --------------------------------------------------------------
+
+class Stopped(Exception):  # noqa: N818 - a request carried out, not an error
+    """A run stopped on request (a signal) after writing its checkpoint at ``step``.
+
+    Not a :class:`~cnn.errors.CnnError`: nothing went wrong. CLIs exit with
+    :data:`EXIT_REQUEUE`.
+    """
+
+    def __init__(self, step: int, path: str | os.PathLike | None, signum: int | None = None):
+        self.step, self.path, self.signum = int(step), path, signum
+        name = signal.Signals(signum).name if signum else "a stop request"
+        where = f"checkpoint {path}" if path else "no checkpoint (no --checkpoint-dir)"
+        super().__init__(f"stopped on {name} after step {step}; {where}; run the same command "
+                         f"with --resume to continue (exit status {EXIT_REQUEUE})")
+
+
+class StopFlag:
+    """SIGTERM, SIGINT and SIGUSR1 set a flag instead of killing the process.
+
+    ``with StopFlag() as stop: ...`` installs the handlers (main thread only; elsewhere it
+    is an inert flag) and restores the previous ones on exit. ``stop.signum`` is the first
+    signal received (0: none). A second SIGINT raises ``KeyboardInterrupt`` at once, so
+    Ctrl-C twice still interrupts a run that is stuck.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def request(self, signum: int) -> None:
+        """What the handler does (also for tests and for a stop decided by the program)."""
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = int(signum)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.request(signum)
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+# --- what cnn.train.fit plugs in beyond one process ------------------------------------
+
+@dataclass
+class Hooks:
+    """How :func:`cnn.train.fit` checkpoints when it is one of several processes.
+
+    ``write``: this process writes the file (MPI: rank 0 only; every rank still calls
+    ``state``, which may be collective). ``read``: loads ``(arrays, meta)`` of a path (MPI:
+    rank 0 reads and broadcasts). ``state``: more arrays and metadata to save (every rank's
+    optimiser state, a strategy's counters); ``restore`` puts them back after the weights
+    and rank 0's optimiser state were loaded. ``stop(global_step)``, after every step:
+    True writes a checkpoint there and raises :class:`Stopped` (collective on MPI: every
+    rank must agree on the step). ``signum``: the signal behind a stop, for the message.
+    """
+
+    write: bool = True
+    read: Callable[[Path], tuple[dict[str, np.ndarray], dict[str, Any]]] = load
+    state: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None
+    restore: Callable[[dict[str, np.ndarray], dict[str, Any]], None] | None = None
+    stop: Callable[[int], bool] | None = None
+    signum: Callable[[], int] | None = None

@@ -12,7 +12,9 @@ ranks. Parallel strategies reuse ``fit`` and replace only the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,7 +45,10 @@ LEGACY_CHECKPOINT = "checkpoint.pkl"
 #: Flags that may change between a run and its resumption: where it reads and writes, not
 #: what it computes. Every other training flag must be the same (see :func:`resume_args`).
 RESUME_FREE_FLAGS: frozenset[str] = frozenset(
-    {"data_dir", "save_metrics", "save_weights", "checkpoint_dir", "resume", "no_progress"})
+    {"data_dir", "save_metrics", "save_weights", "checkpoint_dir", "resume", "no_progress",
+     "checkpoint_every"})
+#: Flags named first when a resumed run differs from its checkpoint's.
+KEY_FLAGS: tuple[str, ...] = ("model", "dataset", "strategy", "batch_size")
 
 
 def sequential_step(net: Network, opt: Any) -> StepFn:
@@ -63,24 +68,27 @@ def resume_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
 
 
-def _changed(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    now = ckpt_io.jsonable(dict(now))
-    return [k for k in sorted(set(saved) | set(now))
-            if k not in saved or k not in now or not cli.values_equal(saved[k], now[k])]
+def schedule_state(sched: Any) -> dict[str, Any]:
+    """The schedule as JSON (kind and parameters), saved for the reader of a checkpoint."""
+    fields = dataclasses.asdict(sched) if dataclasses.is_dataclass(sched) else {}
+    return {"kind": type(sched).__name__, **fields}
 
 
 class _Checkpoint:
     """The training state of :func:`fit` in one :mod:`cnn.checkpoint` file."""
 
     def __init__(self, directory: str | Path, net: Network, opt: Any, identity: dict[str, Any],
-                 run_args: Mapping[str, Any] | None):
+                 run_args: Mapping[str, Any] | None, hooks: ckpt_io.Hooks):
         self.dir = Path(directory)
         self.path = self.dir / CHECKPOINT
-        self.net, self.opt = net, opt
+        self.net, self.opt, self.hooks = net, opt, hooks
         self.identity = ckpt_io.jsonable(identity)
         self.run_args = None if run_args is None else ckpt_io.jsonable(dict(run_args))
 
     def save(self, state: dict[str, Any]) -> None:
+        extra_arrays, extra_meta = self.hooks.state() if self.hooks.state else ({}, {})
+        if not self.hooks.write:
+            return
         arrays = {f"param/{k}": v for k, v in self.net.state_dict().items()}
         opt_meta = {}
         for k, v in self.opt.state_dict().items():
@@ -90,8 +98,9 @@ class _Checkpoint:
                 opt_meta[k] = v
         arrays["step_times"] = np.asarray(state["times"], dtype=np.float64)
         arrays["epoch_losses"] = np.asarray(state["losses"], dtype=np.float64)
+        arrays.update(extra_arrays)
         meta = {k: v for k, v in state.items() if k not in ("times", "losses")}
-        meta.update(run=self.run_args, fit=self.identity, optimizer=opt_meta)
+        meta.update(run=self.run_args, fit=self.identity, optimizer=opt_meta, extra=extra_meta)
         ckpt_io.save(self.path, arrays, meta)
 
     def load(self) -> dict[str, Any]:
@@ -106,21 +115,15 @@ class _Checkpoint:
                     f"(drop --resume) or finish it with the version that wrote it")
             raise CheckpointError(f"--resume: no checkpoint in {self.dir} (looked for "
                                   f"{self.path}); drop --resume to start a new run there")
-        arrays, meta = ckpt_io.load(self.path)
-        where = f"--resume: the checkpoint {self.path} was written by a different run"
+        arrays, meta = self.hooks.read(self.path)
         if self.run_args is not None and meta.get("run") is not None:
-            saved = meta["run"]
-            diff = _changed(saved, self.run_args)
-            if diff:
-                parts = [f"{cli.flag(k)} was {saved.get(k, 'not set')!r}, now "
-                         f"{self.run_args.get(k, 'not set')!r}" for k in diff]
-                raise CheckpointError(f"{where}: {'; '.join(parts)}. Resume with the same "
-                                      f"flags, or start a new run in another --checkpoint-dir")
-        diff = _changed(meta.get("fit", {}), self.identity)
+            ckpt_io.refuse_changes(self.path, meta["run"], self.run_args, KEY_FLAGS)
+        saved = meta.get("fit", {})
+        diff = ckpt_io.changed_flags(saved, self.identity)
         if diff:
-            saved = meta.get("fit", {})
             parts = [f"{k} was {saved.get(k)!r}, now {self.identity.get(k)!r}" for k in diff]
-            raise CheckpointError(f"{where}: {'; '.join(parts)}")
+            raise CheckpointError(f"--resume: the checkpoint {self.path} was written by a "
+                                  f"different run: {'; '.join(parts)}")
         try:
             self.net.load_state_dict({k[len("param/"):]: v for k, v in arrays.items()
                                       if k.startswith("param/")})
@@ -129,6 +132,8 @@ class _Checkpoint:
                                          if k.startswith("optimizer/")}})
             state = {k: meta[k] for k in ("global_step", "samples", "history", "last_row",
                                           "epoch_start")}
+            if self.hooks.restore:
+                self.hooks.restore(arrays, meta.get("extra", {}))
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.path} is incomplete or inconsistent ({exc}); it "
                                   f"cannot be resumed") from None
@@ -142,6 +147,7 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
         batch_size: int = 64, optimizer: Any = None, schedule: Any = None, seed: int = 0,
         max_steps: int | None = None, checkpoint_dir: str | Path | None = None,
         resume: bool = False, run_args: Mapping[str, Any] | None = None,
+        checkpoint_every: int | None = None, hooks: ckpt_io.Hooks | None = None,
         progress: bool | None = None, step_fn: StepFn | None = None,
         comm_time: Callable[[], float] | None = None, log: Callable[[str], None] | None = print,
         **row_fields: Any) -> pd.DataFrame:
@@ -152,11 +158,15 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
     strategy, dataset, model, processes, ...) are copied into every row.
 
     With ``checkpoint_dir`` the state is saved (:mod:`cnn.checkpoint`, atomically) after
-    every epoch and when ``max_steps`` stops a run; ``resume`` continues from it exactly
-    (same weights, optimiser state, data order, and the epoch's losses so far). The
-    checkpoint records ``run_args`` (the CLI's :func:`resume_args`) and the network,
-    batch size, seed and training-set size; resuming with different ones raises
+    every epoch, every ``checkpoint_every`` steps and when ``max_steps`` stops a run;
+    ``resume`` continues from it exactly (same weights, optimiser state, data order,
+    schedule step, and the epoch's losses so far). The checkpoint records ``run_args``
+    (the CLI's :func:`resume_args`, which fix the schedule) and the network, batch size,
+    seed and training-set size; resuming with different ones raises
     :class:`~cnn.errors.CheckpointError`, as does ``resume`` without a checkpoint.
+    ``hooks`` (:class:`cnn.checkpoint.Hooks`) let several processes share one checkpoint
+    and stop on a signal: when ``hooks.stop`` says so after a step, the state is saved
+    there and :class:`cnn.checkpoint.Stopped` is raised.
     On divergence the :class:`~cnn.errors.DivergenceError` carries the completed epochs'
     rows as ``frame``.
     """
@@ -172,10 +182,14 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
     step_fn = step_fn or sequential_step(net, opt)
     if resume and checkpoint_dir is None:
         raise UsageError("resume needs checkpoint_dir (--checkpoint-dir): where the checkpoint is")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise UsageError(f"checkpoint_every (--checkpoint-every) must be >= 1, got "
+                         f"{checkpoint_every}")
+    hooks = hooks if hooks is not None else ckpt_io.Hooks()
     identity = {"batch_size": batch_size, "seed": seed, "train_samples": n,
                 "network": {k: v for k, v in net.config().items() if k != "seed"},
                 "optimizer": opt.kind}
-    ckpt = (_Checkpoint(checkpoint_dir, net, opt, identity, run_args)
+    ckpt = (_Checkpoint(checkpoint_dir, net, opt, identity, run_args, hooks)
             if checkpoint_dir is not None else None)
 
     global_step, seen, history, times, losses = 0, 0, [], [], []
@@ -194,13 +208,20 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
             ckpt.save({"global_step": global_step, "samples": seen, "history": history,
                        "last_row": last_row, "epoch_start": epoch_start, "times": times,
                        "losses": losses, "epoch": global_step // steps_per_epoch,
-                       "batch_in_epoch": global_step % steps_per_epoch})
+                       "batch_in_epoch": global_step % steps_per_epoch,
+                       "total_steps": total_steps, "schedule": schedule_state(sched),
+                       "lr_next": sched(global_step) if global_step < total_steps else None})
+
+    def stopped() -> ckpt_io.Stopped:
+        return ckpt_io.Stopped(global_step, ckpt.path if ckpt is not None else None,
+                               hooks.signum() if hooks.signum else None)
 
     if global_step >= total_steps:
         if log:
             log(f"nothing left to train: the checkpoint is at step {global_step} of "
                 f"{total_steps}")
         return to_frame(history + ([last_row] if last_row is not None else []))
+    stop = False
     while global_step < total_steps:
         epoch, skip = divmod(global_step, steps_per_epoch)
         if skip == 0:
@@ -230,6 +251,15 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
             seen += len(idx)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+            stop = hooks.stop is not None and hooks.stop(global_step)
+            # at an epoch's end the checkpoint (and the stop) come below, with its row
+            mid_epoch = global_step % steps_per_epoch != 0 and global_step < total_steps
+            if mid_epoch and (stop or (checkpoint_every and
+                                       global_step % checkpoint_every == 0)):
+                save_checkpoint()
+            if mid_epoch and stop:
+                bar.close()
+                raise stopped()
         bar.close()
         complete = global_step % steps_per_epoch == 0
         test_loss, test_acc = net.evaluate(*test) if test is not None else (math.nan, math.nan)
@@ -254,6 +284,8 @@ def fit(net: Network, train: tuple[np.ndarray, np.ndarray],
         last_row, losses = None, []
         epoch_start = {"wall_s": wall, "samples": seen}
         save_checkpoint()
+        if stop and global_step < total_steps:
+            raise stopped()
     return to_frame(history)
 
 
@@ -310,9 +342,13 @@ def add_training_args(p: argparse.ArgumentParser, *, weights: bool = True,
                             "replaced only if it is a weights .npz)")
     if checkpoints:
         p.add_argument("--checkpoint-dir", default=None,
-                       help="checkpoint every epoch here (checkpoint.npz)")
+                       help="checkpoint every epoch here (checkpoint.npz); SIGTERM, SIGINT or "
+                            "SIGUSR1 then checkpoint and exit with status "
+                            f"{ckpt_io.EXIT_REQUEUE}")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --checkpoint-dir (same flags required)")
+        p.add_argument("--checkpoint-every", type=pos, default=None, metavar="N",
+                       help="also checkpoint every N steps (default: at each epoch's end)")
     p.add_argument("--experiment", default="train", help="experiment name in the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -380,16 +416,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     net = build_network(args, x.shape[1:], int(max(y.max(), test[1].max())) + 1)
     opt, sched = make_training(net, args, math.ceil(len(y) / args.batch_size))
     print(net.summary())
+    # with a checkpoint to write, a signal (a batch system's warning) checkpoints and stops
+    flag = ckpt_io.StopFlag(ckpt_io.STOP_SIGNALS if args.checkpoint_dir else ())
+    hooks = ckpt_io.Hooks(stop=lambda step: flag.requested, signum=lambda: flag.signum)
     try:
-        df = fit(net, (x, y), test, epochs=args.epochs, batch_size=args.batch_size,
-                 optimizer=opt, schedule=sched, seed=args.seed, max_steps=args.max_steps,
-                 checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                 run_args=resume_args(args), progress=False if args.no_progress else None,
-                 experiment=args.experiment, strategy="sequential", processes=1,
-                 model=args.model, dataset=args.dataset)
+        with flag:
+            df = fit(net, (x, y), test, epochs=args.epochs, batch_size=args.batch_size,
+                     optimizer=opt, schedule=sched, seed=args.seed, max_steps=args.max_steps,
+                     checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                     run_args=resume_args(args), checkpoint_every=args.checkpoint_every,
+                     hooks=hooks, progress=False if args.no_progress else None,
+                     experiment=args.experiment, strategy="sequential", processes=1,
+                     model=args.model, dataset=args.dataset)
     except DivergenceError as exc:
         save_partial_metrics(exc, args.save_metrics)
         raise
+    except ckpt_io.Stopped as exc:
+        sys.stdout.flush()
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(ckpt_io.EXIT_REQUEUE) from None
     finish_run(df, net, args)
     return df
 
