@@ -61,6 +61,22 @@ output paths before any data loads. MPICH's named shared-memory segment is unlin
 from /dev/shm as soon as every rank has mapped it (:func:`release_shm_names`), so no
 abnormal end leaves it behind.
 
+Checkpoints, resume and signals (:mod:`cnn.parallel.mpi_checkpoint`): with
+``--checkpoint-dir DIR`` rank 0 writes ``DIR/checkpoint.npz`` atomically at every epoch's end
+(and every ``--checkpoint-every N`` steps); ``--resume`` continues it exactly (bit for bit
+for the synchronous strategies at the same number of ranks). SIGTERM, SIGINT or SIGUSR1
+delivered to the ranks (``mpiexec`` forwards all three; SLURM's ``--signal``, ``scancel
+--signal``, a kill of ``srun``) make every rank finish its step; the ranks agree on the
+step, rank 0 writes one checkpoint there, prints ``stopped on SIGUSR1 after step k; ...``
+and every rank exits with status 75 (``EXIT_REQUEUE``: run the same command with
+``--resume``; ``scripts/slurm_mpi.sbatch`` requeues the job). Ctrl-C twice interrupts at
+once. A resumed run with another model, dataset, strategy or global batch is refused
+before training, naming the flag; a corrupt checkpoint is refused naming the file.
+
+Exit status: 0 done; 2 bad flags, data or checkpoint (every rank, or an abort after a
+rank's CnnError); 1 an unexpected exception (abort, traceback); 75 stopped on a signal
+after checkpointing; a rank killed outright: mpiexec's status for it (e.g. 9).
+
 The strategies themselves live in :mod:`cnn.parallel.mpi_strategies`.
 """
 
@@ -79,9 +95,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn import checkpoint as ckpt_io
 from cnn import cli
 from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import to_frame
+from cnn.parallel.mpi_checkpoint import MPICheckpoint
 from cnn.parallel.mpi_strategies import (
     Bucket,
     CollectiveError,
@@ -104,7 +122,7 @@ PER_RANK_FLAGS: frozenset[str] = frozenset()
 #: VCI): created at MPI_Init, unlinked only by MPI_Finalize, so left in /dev/shm by any
 #: job that ends without it (a killed rank, MPI_Abort).
 MPICH_SHM_NAME = re.compile(r"^mpich_(shm|vci)_[0-9a-f]+_\d+$")
-FAILURE_MODES = ("raise", "kill", "nan")
+FAILURE_MODES = ("raise", "kill", "nan", "signal")
 
 
 class _ArgumentError(Exception):
@@ -136,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter server: poll with short sleeps (frees the core for a "
                         "worker when ranks share cores) or spin in MPI_Wait")
     g.add_argument("--inject-failure", default=None, type=failure_arg,
-                   metavar="RANK:STEP:raise|kill|nan",
-                   help="testing: make RANK raise an exception, SIGKILL itself or see a NaN "
-                        "loss (divergence) at its STEP-th training step (1-based)")
-    add_training_args(p, checkpoints=False)
+                   metavar="RANK:STEP:raise|kill|nan|signal",
+                   help="testing: make RANK raise an exception, SIGKILL itself, see a NaN "
+                        "loss (divergence) or send itself SIGUSR1 (checkpoint and stop, with "
+                        "--checkpoint-dir) at its STEP-th training step (1-based)")
+    add_training_args(p)
     p.set_defaults(experiment="mpi")
     return p
 
@@ -276,6 +295,18 @@ def main(argv: list[str] | None = None, comm: Any = None) -> pd.DataFrame | None
     release_shm_names(comm)
     args = _parse(comm, argv)
     failure = parse_failure(args.inject_failure)
+    signal_at = None
+    if failure is not None and failure[2] == "signal":
+        signal_at, failure = (failure[0], failure[1]), None
+    # with a checkpoint to write, a signal checkpoints at a step every rank agrees on
+    with ckpt_io.StopFlag(ckpt_io.STOP_SIGNALS if args.checkpoint_dir else ()) as flag:
+        return _train(comm, args, failure, signal_at, flag)
+
+
+def _train(comm: Any, args: argparse.Namespace, failure: tuple[int, int, str] | None,
+           signal_at: tuple[int, int] | None, flag: ckpt_io.StopFlag) -> pd.DataFrame:
+    from mpi4py import MPI
+
     train, test = load_data(args)
     digests = comm.allgather(data_digest(train, test))
     if len(set(digests)) > 1:
@@ -289,6 +320,10 @@ def main(argv: list[str] | None = None, comm: Any = None) -> pd.DataFrame | None
     run = Run(comm=comm, args=args, train=train, test=test, num_classes=num_classes,
               failure=failure)
     _check_world(run)
+    if args.checkpoint_dir:
+        run.ckpt = MPICheckpoint(run, flag, signal_at)
+        if args.resume:
+            run.ckpt.preflight()
     try:
         if args.strategy == "async-param-server":
             df, net = train_async(run)
@@ -306,9 +341,11 @@ def main(argv: list[str] | None = None, comm: Any = None) -> pd.DataFrame | None
 
 def run_or_abort(argv: list[str] | None = None, comm: Any = None) -> int:
     """``main`` with the failure policy: a CollectiveError exits 2 on every rank (rank 0
-    prints it); any other exception prints ``rank r failed: ...`` and aborts the job: with
-    status 2 and the message alone for a :class:`CnnError` (divergence, missing data),
-    with status 1 and the traceback for anything else."""
+    prints it); a stop on a signal (every rank, at the same step, after the checkpoint)
+    exits :data:`cnn.checkpoint.EXIT_REQUEUE` (75); any other exception prints ``rank r
+    failed: ...`` and aborts the job: with status 2 and the message alone for a
+    :class:`CnnError` (divergence, missing data), with status 1 and the traceback for
+    anything else."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -320,6 +357,11 @@ def run_or_abort(argv: list[str] | None = None, comm: Any = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except ckpt_io.Stopped as exc:
+        if rank == 0:
+            sys.stdout.flush()
+            print(exc, file=sys.stderr, flush=True)
+        return ckpt_io.EXIT_REQUEUE
     except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise

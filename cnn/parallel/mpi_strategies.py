@@ -96,6 +96,9 @@ class Run:
     training_rank: bool = True
     nan_due: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: checkpoint/resume/stop of this run (cnn.parallel.mpi_checkpoint), None without
+    #: --checkpoint-dir
+    ckpt: Any = None
 
     @property
     def rank(self) -> int:
@@ -346,6 +349,7 @@ def model_average_step(run: Run, net: Network, opt: Any, pbuf: np.ndarray,
     n = net.num_params
     k = run.args.sync_every
     state = {"step": 0, "since": 0, "mine": 0, "all": 0}
+    run.extra["model_average"] = state  # checkpointed per rank
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
@@ -433,6 +437,7 @@ def train_sync(run: Run) -> tuple[pd.DataFrame, Network]:
              progress=False if (a.no_progress or run.rank != 0) else None,
              step_fn=lambda xb, yb, lr: run.loss(step(xb, yb, lr)),
              comm_time=run.comm_time, log=_epoch_log(run, strategy),
+             **(run.ckpt.fit_kwargs(net, opt, losses) if run.ckpt is not None else {}),
              **run.row_fields(strategy, **extra))
     if strategy == "model-average" and len(df):
         # fit averaged this rank's local losses; make train_loss the global mean per epoch
@@ -468,6 +473,7 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
                               "updates please (or --dtype float64)")
     comm.Bcast(net.params, root=0)
     opt, sched = make_training(net, a, steps_per_epoch)
+    ck = run.ckpt.async_resume(net, opt, wbuf) if run.ckpt is not None else None
     spin = a.server_wait == "spin"
     if run.rank == 0:
         print(net.summary())
@@ -484,7 +490,12 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
         applied, stale, ep_stats = 0, [], []
         loss_sum = count = 0.0
         t_start = time.perf_counter()
-        for u in range(W * total_steps):
+        u0 = 0
+        if ck is not None:  # a resumed run continues the server's counters and statistics
+            u0, applied, stale, ep_stats = ck.u, ck.applied, ck.stale, ck.ep_stats
+            loss_sum, count, snapshots = ck.loss_sum, ck.count, ck.snapshots
+            t_start -= ck.wall
+        for u in range(u0, W * total_steps):
             run.tick()
             _wait([comm.Irecv(rbuf, source=MPI.ANY_SOURCE, tag=TAG_GRAD)], spin, status)
             src = status.Get_source()
@@ -505,16 +516,25 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
                     complete=(u + 1) % per_epoch_msgs == 0))
                 loss_sum = count = 0.0
                 stale = []
+            if ck is not None and ck.server_after(
+                    u + 1, src, W * total_steps, per_epoch_msgs, rbuf, dict(
+                        applied=applied, stale=stale, ep_stats=ep_stats, loss_sum=loss_sum,
+                        count=count, snapshots=snapshots,
+                        wall=time.perf_counter() - t_start)):
+                break  # stopped on a signal: checkpointed, workers drained
         worker_log: list[list[tuple[int, float, float]]] = []
     else:
         w = run.rank - 1
         send = np.empty(n + 3, dtype=dtype)
         log: list[tuple[int, float, float]] = []  # (epoch, step seconds, comm seconds so far)
-        done = 0
+        done = skip = ck.done if ck is not None else 0  # resumed: steps applied before
         for epoch in range(a.epochs):
             for idx in cdata.iterate_batches(len(y), global_batch, a.seed, epoch):
                 if done >= total_steps:
                     break
+                if skip:
+                    skip -= 1
+                    continue
                 t0 = time.perf_counter()
                 run.tick()
                 lo, hi = shard_bounds(len(idx), W, w)
@@ -534,9 +554,14 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
                 comm.Recv(wbuf, source=0, tag=TAG_WEIGHTS)
                 t2 = time.perf_counter()
                 run.comm_s += t2 - t1
+                if ck is not None and ck.worker_after():
+                    done = total_steps  # the stop marker: this step was not applied
+                    break
                 log.append((epoch, t2 - t0, run.comm_s))
                 done += 1
         worker_log = [log]
+    if ck is not None:
+        run.ckpt.agree_stopped(ck)  # raises Stopped on every rank after a stop
     logs = comm.gather(worker_log, root=0)  # once, after training: pickle is fine here
 
     # evaluation of each epoch's snapshot, outside the timed loop, sharded over all ranks
