@@ -307,6 +307,9 @@ def _train(comm: Any, args: argparse.Namespace, failure: tuple[int, int, str] | 
            signal_at: tuple[int, int] | None, flag: ckpt_io.StopFlag) -> pd.DataFrame:
     from mpi4py import MPI
 
+    ckpt = MPICheckpoint(comm, args, flag, signal_at) if args.checkpoint_dir else None
+    if ckpt is not None and args.resume:
+        ckpt.preflight()  # a checkpoint of another run is refused before the data loads
     train, test = load_data(args)
     digests = comm.allgather(data_digest(train, test))
     if len(set(digests)) > 1:
@@ -318,12 +321,10 @@ def _train(comm: Any, args: argparse.Namespace, failure: tuple[int, int, str] | 
         print("ranks: " + ", ".join(f"{r}=pid {p}@{h}" for r, (p, h) in enumerate(where)),
               flush=True)
     run = Run(comm=comm, args=args, train=train, test=test, num_classes=num_classes,
-              failure=failure)
+              failure=failure, ckpt=ckpt)
     _check_world(run)
-    if args.checkpoint_dir:
-        run.ckpt = MPICheckpoint(run, flag, signal_at)
-        if args.resume:
-            run.ckpt.preflight()
+    if ckpt is not None:
+        ckpt.run = run
     try:
         if args.strategy == "async-param-server":
             df, net = train_async(run)

@@ -29,6 +29,7 @@ Anything else is refused before training, naming the flag.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cnn import checkpoint as ckpt_io
+from cnn import cli
 from cnn.errors import CheckpointError
 from cnn.parallel.mpi_strategies import TAG_GRAD, TAG_WEIGHTS, CollectiveError
 from cnn.train import CHECKPOINT, KEY_FLAGS, RESUME_FREE_FLAGS, resume_args
@@ -74,19 +76,23 @@ def _opt_state(opt: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 class MPICheckpoint:
     """The checkpoint of one MPI run, on every rank (collective methods say so).
 
-    ``flag`` is the process's :class:`cnn.checkpoint.StopFlag`; ``signal_at`` (testing,
-    ``--inject-failure R:S:signal``) makes rank R send itself SIGUSR1 at its S-th step.
+    Made from the parsed flags, so that :meth:`preflight` refuses a wrong resume before any
+    data is loaded; ``run`` (the :class:`~cnn.parallel.mpi_strategies.Run`) is set once it
+    exists. ``flag`` is the process's :class:`cnn.checkpoint.StopFlag`; ``signal_at``
+    (testing, ``--inject-failure R:S:signal``) makes rank R send itself SIGUSR1 at its S-th
+    step.
     """
 
-    def __init__(self, run: Any, flag: ckpt_io.StopFlag,
+    def __init__(self, comm: Any, args: argparse.Namespace, flag: ckpt_io.StopFlag,
                  signal_at: tuple[int, int] | None = None):
-        a = run.args
-        self.run, self.comm = run, run.comm
-        self.dir = Path(a.checkpoint_dir)
+        self.comm, self.args, self.run = comm, args, None
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.dir = Path(args.checkpoint_dir)
         self.path = self.dir / CHECKPOINT
-        self.resume, self.every = bool(a.resume), a.checkpoint_every
+        self.resume, self.every = bool(args.resume), args.checkpoint_every
         self.flag, self.signal_at = flag, signal_at
-        self.trainers, self.global_batch = global_batch(a.strategy, run.size, a.batch_size)
+        self.trainers, self.global_batch = global_batch(args.strategy, self.size,
+                                                        args.batch_size)
         self.agreed = 0  # the signal every rank agreed to stop on
         self._loaded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self._stop_sent = False
@@ -95,11 +101,11 @@ class MPICheckpoint:
 
     def run_args(self) -> dict[str, Any]:
         """The flags a resume must repeat (see the module docstring for those it may not)."""
-        return {k: v for k, v in resume_args(self.run.args).items() if k not in MPI_FREE_FLAGS}
+        return {k: v for k, v in resume_args(self.args).items() if k not in MPI_FREE_FLAGS}
 
     def mpi_meta(self) -> dict[str, Any]:
-        a = self.run.args
-        return {"strategy": a.strategy, "processes": self.run.size, "trainers": self.trainers,
+        a = self.args
+        return {"strategy": a.strategy, "processes": self.size, "trainers": self.trainers,
                 "batch_per_rank": a.batch_size, "global_batch": self.global_batch}
 
     # --- reading: rank 0 reads, everyone gets it -------------------------------------
@@ -109,7 +115,7 @@ class MPICheckpoint:
         time). A missing or unreadable file is a CollectiveError naming it, on every rank."""
         if self._loaded is None:
             got: Any = None
-            if self.run.rank == 0:
+            if self.rank == 0:
                 try:
                     if not self.path.exists():
                         raise CheckpointError(
@@ -134,31 +140,40 @@ class MPICheckpoint:
             raise CollectiveError(
                 f"--resume: {self.path} was not written by cnn.parallel.mpi (a cnn.train or "
                 f"HOGWILD checkpoint?); resume it with the command that wrote it")
-        try:
-            ckpt_io.refuse_changes(self.path, meta.get("run") or {}, self.run_args(),
-                                   KEY_FLAGS)
-        except CheckpointError as exc:
-            raise CollectiveError(str(exc)) from None
-        a, P = self.run.args, self.run.size
+        saved_run, now_run = meta.get("run") or {}, ckpt_io.jsonable(self.run_args())
+        diff = ckpt_io.changed_flags(saved_run, now_run)
+        first = [k for k in KEY_FLAGS if k in diff]
+
+        def said(k: str) -> str:
+            return (f"{cli.flag(k)} was {saved_run.get(k, 'not set')!r}, now "
+                    f"{now_run.get(k, 'not set')!r}")
+
+        parts = [said(k) for k in first]
+        a, P = self.args, self.size
         if saved_mpi["global_batch"] != self.global_batch:
-            raise CollectiveError(
-                f"--resume: the checkpoint {self.path} was written with a global batch of "
-                f"{saved_mpi['trainers']} training ranks x --batch-size "
-                f"{saved_mpi['batch_per_rank']} = {saved_mpi['global_batch']}, this run has "
-                f"{self.trainers} x {a.batch_size} = {self.global_batch}: the global batch "
-                f"defines the run; choose --batch-size (or the ranks) to give "
-                f"{saved_mpi['global_batch']}")
+            parts.append(
+                f"the global batch (training ranks x --batch-size) was "
+                f"{saved_mpi['trainers']} x {saved_mpi['batch_per_rank']} = "
+                f"{saved_mpi['global_batch']}, now {self.trainers} x {a.batch_size} = "
+                f"{self.global_batch} (it defines the run: choose --batch-size or the number "
+                f"of ranks to give {saved_mpi['global_batch']})")
         if a.strategy in PER_RANK_STATE and saved_mpi["processes"] != P:
-            raise CollectiveError(
-                f"--resume: {a.strategy} keeps state on every rank and the checkpoint "
-                f"{self.path} holds {saved_mpi['processes']} ranks' state: resume it on "
+            parts.append(
+                f"{a.strategy} keeps state on every rank and the checkpoint holds "
+                f"{saved_mpi['processes']} ranks' state: resume it on "
                 f"{saved_mpi['processes']} ranks (mpiexec -n {saved_mpi['processes']}), "
                 f"not {P}")
+        parts += [said(k) for k in diff if k not in first]
+        if parts:
+            raise CollectiveError(
+                f"--resume: the checkpoint {self.path} was written by a different run: "
+                f"{'; '.join(parts)}. Resume with the same flags, or start a new run in "
+                f"another --checkpoint-dir")
 
     # --- stopping --------------------------------------------------------------------
 
     def _inject(self) -> None:
-        if self.signal_at == (self.run.rank, self.run.steps):
+        if self.signal_at == (self.rank, self.run.steps):
             self.signal_at = None
             os.kill(os.getpid(), signal.SIGUSR1)
 

@@ -1,0 +1,402 @@
+"""Runs that survive a cluster: checkpoint, exact resume and stop-on-signal for every MPI
+strategy, HOGWILD and k-fold, with real processes, real signals and real kills.
+
+The synchronous strategies are checked bit for bit: stopped at step k (a real SIGUSR1,
+sent by a rank to itself at a chosen step, or by the test to mpiexec), resumed, they end
+with the weights and the results frame of the uninterrupted run. The asynchronous server
+is checked by what it must keep: every worker's sequence of batches, traced, is the
+uninterrupted one with no batch applied twice or skipped; steps, samples and the
+schedule per epoch are the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from test_mpi import (
+    COMMON,
+    MPIEXEC,
+    PROG,
+    mpirun,
+    needs_mpi,
+    no_leaked_shm_segments,  # noqa: F401 - autouse: nothing left in /dev/shm
+)
+
+from cnn import checkpoint, data
+from cnn.checkpoint import EXIT_REQUEUE
+from cnn.optim import make_schedule
+from cnn.parallel.mpi_strategies import shard_bounds
+
+pytestmark = [needs_mpi, pytest.mark.mpi]
+
+# 193 samples, 2 training ranks x 16: 7 global steps per epoch, the last one short
+RUN = [*COMMON, "--epochs", "2", "--batch-size", "16"]
+COLS = ["epoch", "step", "samples", "train_loss", "test_loss", "test_acc", "lr",
+        "complete_epoch"]
+
+
+def _ok(proc: subprocess.CompletedProcess, rc: int = 0) -> subprocess.CompletedProcess:
+    assert proc.returncode == rc, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    return proc
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    with np.load(a) as A, np.load(b) as B:
+        assert sorted(A.files) == sorted(B.files)
+        for k in A.files:
+            np.testing.assert_array_equal(A[k], B[k], err_msg=k)
+
+
+def _reference(tmp: Path, n: int, flags: list[str]) -> tuple[Path, pd.DataFrame]:
+    w, m = tmp / "ref.npz", tmp / "ref.pkl"
+    _ok(mpirun(n, [*flags, "--save-weights", str(w), "--save-metrics", str(m)], timeout=300))
+    return w, pd.read_pickle(m)
+
+
+SYNC = {
+    "allreduce": (2, []),
+    "allreduce-stop-at-epoch-end": (2, []),
+    "overlap": (2, ["--overlap", "--bucket-kb", "16"]),
+    "param-server": (3, ["--strategy", "param-server"]),
+    "model-average": (2, ["--strategy", "model-average", "--sync-every", "3"]),
+    "hybrid": (2, ["--backend", "numba", "--threads", "1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC))
+def test_synchronous_resume_is_bit_for_bit(tmp_path, name):
+    """Stopped by SIGUSR1 after step 5 (mid-epoch, between two --checkpoint-every 2
+    checkpoints; model averaging between two averages) or 7 (an epoch's end), resumed:
+    the weights and the frame are the uninterrupted run's."""
+    n, extra = SYNC[name]
+    flags = [*RUN, *extra]
+    ref_w, ref = _reference(tmp_path, n, flags)
+    ck, w, m = tmp_path / "ck", tmp_path / "w.npz", tmp_path / "m.pkl"
+    at = 7 if name.endswith("epoch-end") else 5
+    stopped = mpirun(n, [*flags, "--checkpoint-dir", str(ck), "--checkpoint-every", "2",
+                         "--inject-failure", f"{n - 1}:{at}:signal", "--save-weights", str(w)],
+                     timeout=300)
+    _ok(stopped, EXIT_REQUEUE)
+    assert (f"stopped on SIGUSR1 after step {at}; checkpoint {ck / 'checkpoint.npz'}"
+            in stopped.stderr)
+    assert not w.exists()  # stopped: no final weights
+    arrays, meta = checkpoint.load(ck / "checkpoint.npz")
+    assert meta["global_step"] == at and meta["epoch"] == at // 7
+    assert meta["batch_in_epoch"] == at % 7 and meta["total_steps"] == 14
+    assert meta["schedule"]["kind"] == "Cosine" and meta["schedule"]["total_steps"] == 14
+    assert meta["lr_next"] == make_schedule("cosine", 0.05, 14)(at)
+    assert meta["extra"]["mpi"]["processes"] == n and len(meta["extra"]["ranks"]) == n
+    if "model-average" in extra:  # every rank's own weights and momentum
+        assert {f"rank{r}/param" for r in range(n)} <= set(arrays)
+        assert not np.array_equal(arrays["rank0/param"], arrays["rank1/param"])
+    resumed = _ok(mpirun(n, [*flags, "--checkpoint-dir", str(ck), "--resume",
+                             "--save-weights", str(w), "--save-metrics", str(m)], timeout=300))
+    assert f"resumed from {ck / 'checkpoint.npz'} at step {at}" in resumed.stdout
+    _same_weights(w, ref_w)
+    pd.testing.assert_frame_equal(pd.read_pickle(m)[COLS], ref[COLS])
+    assert not list(ck.glob("*.tmp")), "checkpoint writes must be atomic"
+
+
+def test_allreduce_resumes_on_another_number_of_ranks(tmp_path):
+    """2 ranks x 16 stopped, 4 ranks x 8 resumed: the same global batch, the same maths
+    (up to the order of the float sums)."""
+    ref_w, ref = _reference(tmp_path, 2, RUN)
+    ck, w, m = tmp_path / "ck", tmp_path / "w.npz", tmp_path / "m.pkl"
+    _ok(mpirun(2, [*RUN, "--checkpoint-dir", str(ck), "--inject-failure", "0:4:signal"]),
+        EXIT_REQUEUE)
+    four = [*RUN[:-1], "8"]
+    _ok(mpirun(4, [*four, "--checkpoint-dir", str(ck), "--resume", "--save-weights", str(w),
+                   "--save-metrics", str(m)], timeout=300))
+    with np.load(w) as A, np.load(ref_w) as B:
+        for k in B.files:
+            assert np.linalg.norm(A[k] - B[k]) <= 1e-5 * np.linalg.norm(B[k]), k
+    got = pd.read_pickle(m)
+    assert got["step"].tolist() == ref["step"].tolist()
+    assert got["samples"].tolist() == ref["samples"].tolist()
+    assert got["lr"].tolist() == ref["lr"].tolist()
+
+
+REFUSED = {
+    "model": (2, ["--model", "lenet5"], "--model was 'seed_cnn', now 'lenet5'"),
+    "dataset": (2, ["--dataset", "iris"], "--dataset was 'digits', now 'iris'"),
+    "global batch": (2, ["--batch-size", "8"],
+                     "the global batch (training ranks x --batch-size) was 2 x 16 = 32, now "
+                     "2 x 8 = 16"),
+    "strategy": (3, ["--strategy", "param-server"],
+                 "--strategy was 'allreduce', now 'param-server'"),
+    "other flag": (2, ["--lr", "0.2"], "--lr was 0.05, now 0.2"),
+}
+
+
+@pytest.fixture(scope="module")
+def stopped_allreduce(tmp_path_factory) -> Path:
+    ck = tmp_path_factory.mktemp("refused") / "ck"
+    _ok(mpirun(2, [*RUN, "--checkpoint-dir", str(ck), "--inject-failure", "0:3:signal"]),
+        EXIT_REQUEUE)
+    return ck
+
+
+@pytest.mark.parametrize("what", list(REFUSED))
+def test_resume_with_other_flags_is_refused_naming_them(stopped_allreduce, what):
+    n, change, message = REFUSED[what]
+    ck = stopped_allreduce
+    before = (ck / "checkpoint.npz").read_bytes()
+    proc = mpirun(n, [*RUN, *change, "--checkpoint-dir", str(ck), "--resume"], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith(f"error: --resume: the checkpoint {ck / 'checkpoint.npz'} was "
+                          f"written by a different run: {message}"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert (ck / "checkpoint.npz").read_bytes() == before
+
+
+def test_per_rank_state_is_refused_on_another_number_of_ranks(tmp_path):
+    ck = tmp_path / "ck"
+    flags = [*RUN, "--strategy", "model-average"]
+    _ok(mpirun(2, [*flags, "--checkpoint-dir", str(ck), "--inject-failure", "0:3:signal"]),
+        EXIT_REQUEUE)
+    proc = mpirun(4, [*flags[:-3], "8", "--strategy", "model-average", "--checkpoint-dir",
+                      str(ck), "--resume"], timeout=60)
+    assert proc.returncode == 2
+    assert ("model-average keeps state on every rank and the checkpoint holds 2 ranks' state: "
+            "resume it on 2 ranks (mpiexec -n 2), not 4") in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(stopped_allreduce, tmp_path, damage):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    path = ck / "checkpoint.npz"
+    good = (stopped_allreduce / "checkpoint.npz").read_bytes()
+    if damage != "missing":
+        path.write_bytes(good[:len(good) // 2] if damage == "truncated" else b"")
+    proc = mpirun(2, [*RUN, "--checkpoint-dir", str(ck), "--resume"], timeout=60)
+    assert proc.returncode == 2
+    want = {"truncated": f"error: {path} is truncated or corrupt",
+            "empty": f"error: {path} is empty",
+            "missing": f"error: --resume: no checkpoint in {ck} (looked for {path})"}[damage]
+    assert proc.stderr.strip().startswith(want), proc.stderr
+
+
+# --- the asynchronous parameter server -------------------------------------------------
+
+TRACE = """
+import hashlib, sys
+from mpi4py import MPI
+from cnn.network import Network
+
+out = open(f"{sys.argv[1]}.{MPI.COMM_WORLD.Get_rank()}", "a")
+real = Network.loss_and_grad
+
+def traced(self, x, y, *a, **k):  # every gradient a rank computes, by its batch's bytes
+    out.write(hashlib.sha1(x.tobytes()).hexdigest() + "\\n")
+    out.flush()
+    return real(self, x, y, *a, **k)
+
+Network.loss_and_grad = traced
+from cnn.parallel.mpi import run_or_abort
+sys.exit(run_or_abort(sys.argv[2:]))
+"""
+ASYNC = ["--dataset", "digits", "--subset", "200", "--test-subset", "100", "--epochs", "3",
+         "--batch-size", "16", "--lr", "0.02", "--no-progress", "--seed", "3",
+         "--strategy", "async-param-server"]
+
+
+def _traced(tmp: Path, trace: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    script = tmp / "trace_rank.py"
+    script.write_text(TRACE)
+    cmd = [MPIEXEC, "-n", "3", sys.executable, str(script), str(trace), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _expected_batches(workers: int) -> list[list[str]]:
+    """Each worker's batches, in order, as the uninterrupted run computes them."""
+    x, y = data.load("digits", "train", subset=200)
+    out: list[list[str]] = [[] for _ in range(workers)]
+    for epoch in range(3):
+        for idx in data.iterate_batches(len(y), workers * 16, 3, epoch):
+            for w in range(workers):
+                lo, hi = shard_bounds(len(idx), workers, w)
+                if hi > lo:
+                    out[w].append(hashlib.sha1(x[idx[lo:hi]].tobytes()).hexdigest())
+    return out
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.parametrize("who", [0, 1], ids=["server-signalled", "worker-signalled"])
+def test_async_resume_applies_every_batch_once(tmp_path, who):
+    """The server stops (its own SIGUSR1, or a worker's passed on to it), drains the
+    in-flight gradients and saves every worker's step count; the resumed run gives each
+    worker exactly the batches it had not had applied."""
+    ref = tmp_path / "ref.pkl"
+    _ok(mpirun(3, [*ASYNC, "--save-metrics", str(ref)], timeout=300))
+    ref_df = pd.read_pickle(ref)
+    ck, m = tmp_path / "ck", tmp_path / "m.pkl"
+    first, second = tmp_path / "first", tmp_path / "second"
+    stop_at = 9 if who == 0 else 4  # the server counts messages, a worker its steps
+    _ok(_traced(tmp_path, first, [*ASYNC, "--checkpoint-dir", str(ck),
+                                  "--inject-failure", f"{who}:{stop_at}:signal"]), EXIT_REQUEUE)
+    arrays, meta = checkpoint.load(ck / "checkpoint.npz")
+    counts = arrays["async/worker_steps"].tolist()
+    steps = 7  # ceil(200 / 32) global steps per epoch, each one message from each worker
+    assert sum(counts) == meta["messages"] and meta["global_step"] == meta["messages"] // 2
+    assert 0 < meta["global_step"] < 3 * steps
+    _ok(_traced(tmp_path, second, [*ASYNC, "--checkpoint-dir", str(ck), "--resume",
+                                   "--save-metrics", str(m)]))
+    want = _expected_batches(2)
+    for w in range(2):
+        before, after = _lines(Path(f"{first}.{w + 1}")), _lines(Path(f"{second}.{w + 1}"))
+        c = counts[w]
+        # before the stop: the applied steps, then at most the one drained (not applied)
+        assert before[:c] == want[w][:c] and len(before) in (c, c + 1)
+        assert after == want[w][c:], f"worker {w + 1}: repeated or skipped batches"
+    assert not _lines(Path(f"{first}.0")) and not _lines(Path(f"{second}.0"))  # server
+    final, fmeta = checkpoint.load(ck / "checkpoint.npz")
+    assert final["async/worker_steps"].tolist() == [3 * steps] * 2
+    assert fmeta["async"]["applied"] == 2 * 3 * steps
+    got = pd.read_pickle(m)
+    for col in ("epoch", "step", "lr", "complete_epoch"):
+        assert got[col].tolist() == ref_df[col].tolist(), col
+    # which worker's message lands in which epoch's window is up to the race (also
+    # uninterrupted); the run as a whole trains on every sample of every epoch
+    assert got["samples"].iloc[-1] == ref_df["samples"].iloc[-1] == 3 * 200
+    assert np.isfinite(got["train_loss"]).all()
+
+
+# --- signals from outside, kills ---------------------------------------------------------
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 10) -> list[str]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [f"{p.pid} {p.name()}" for p in alive if p.is_running() and
+            p.status() != psutil.STATUS_ZOMBIE]
+
+
+LONG = ["--dataset", "digits", "--test-subset", "64", "--epochs", "6", "--batch-size", "16",
+        "--no-progress", "--seed", "2"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_signal_to_mpiexec_checkpoints_every_rank_and_exits_75(tmp_path, sig):
+    """mpiexec forwards the signal to every rank; they finish their step, agree on it, rank 0
+    writes one checkpoint there and every rank exits 75. Resumed: the uninterrupted run."""
+    ck, w = tmp_path / "ck", tmp_path / "w.npz"
+    cmd = [MPIEXEC, "-n", "2", *PROG, *LONG, "--checkpoint-dir", str(ck), "--save-weights",
+           str(w)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _wait_for(ck / "checkpoint.npz", proc)  # epoch 1 is done: training is under way
+        procs = _tree(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, err
+    step = int(err.split(f"stopped on {sig} after step ")[1].split(";")[0])
+    _, meta = checkpoint.load(ck / "checkpoint.npz")
+    assert meta["global_step"] == step and 0 < step < 6 * 45
+    assert took < 30 and not _gone(procs)
+    if sig != "SIGUSR1":
+        return
+    ref_w, _ = _reference(tmp_path, 2, LONG)
+    _ok(mpirun(2, [*LONG, "--checkpoint-dir", str(ck), "--resume", "--save-weights", str(w)],
+               timeout=300))
+    _same_weights(w, ref_w)
+
+
+def test_a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint(tmp_path):
+    """kill -9 of one rank mid-step: the job ends within 30 s naming the rank, nothing is
+    left running or in /dev/shm (the autouse fixture), the last checkpoint loads."""
+    ck = tmp_path / "ck"
+    t0 = time.monotonic()
+    cmd = [MPIEXEC, "-n", "2", *PROG, *LONG, "--checkpoint-dir", str(ck),
+           "--checkpoint-every", "4", "--inject-failure", "1:23:kill"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = []
+    try:
+        while proc.poll() is None and not procs[2:]:  # mpiexec, its proxy and the ranks
+            procs = _tree(proc.pid)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    assert proc.returncode != 0 and took < 30
+    pids = dict(re.findall(r"(\d+)=pid (\d+)@", out))  # rank 0's "ranks: 0=pid ..@host"
+    assert "BAD TERMINATION" in out + err and f"PID {pids['1']} " in out + err
+    assert not _gone(procs)
+    _, meta = checkpoint.load(ck / "checkpoint.npz")
+    assert meta["global_step"] == 20  # the last multiple of 4 before step 23
+
+
+KILL_IN_WRITE = """
+import os, signal, sys
+import numpy as np
+from mpi4py import MPI
+
+calls = []
+real = np.savez
+
+def savez(fh, **arrays):  # the second checkpoint: half an archive, then SIGKILL
+    calls.append(1)
+    if len(calls) < 2:
+        return real(fh, **arrays)
+    fh.write(b"PK\\x03\\x04" + bytes(1 << 16))
+    fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if MPI.COMM_WORLD.Get_rank() == 0:
+    np.savez = savez
+from cnn.parallel.mpi import run_or_abort
+sys.exit(run_or_abort(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """Rank 0 SIGKILLed halfway through writing the second checkpoint: the first one is
+    intact, and the run resumed from it ends as the uninterrupted run."""
+    script, ck, w = tmp_path / "kill_in_write.py", tmp_path / "ck", tmp_path / "w.npz"
+    script.write_text(KILL_IN_WRITE)
+    flags = [*RUN, "--checkpoint-dir", str(ck), "--checkpoint-every", "3"]
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), *flags],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0, proc.stderr
+    _, meta = checkpoint.load(ck / "checkpoint.npz")
+    assert meta["global_step"] == 3  # the first checkpoint; the second died half-written
+    ref_w, _ = _reference(tmp_path, 2, RUN)
+    _ok(mpirun(2, [*flags, "--resume", "--save-weights", str(w)]))
+    _same_weights(w, ref_w)
