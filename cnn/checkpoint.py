@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import threading
 import zipfile
 import zlib
@@ -38,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -58,8 +59,8 @@ EXIT_REQUEUE = 75
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 __all__ = ["EXIT_REQUEUE", "FORMAT", "FORMAT_VERSION", "META_KEY", "STOP_SIGNALS", "Hooks",
-           "StopFlag", "Stopped", "changed_flags", "jsonable", "load", "refuse_changes",
-           "save", "versions"]
+           "StopFlag", "Stopped", "changed_flags", "exit_stopped", "jsonable", "load",
+           "refuse_changes", "require_resumable", "save", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -202,18 +203,39 @@ def refuse_changes(path: str | os.PathLike, saved: Mapping[str, Any],
 # --- stopping on a signal --------------------------------------------------------------
 
 class Stopped(Exception):  # noqa: N818 - a request carried out, not an error
-    """A run stopped on request (a signal) after writing its checkpoint at ``step``.
+    """A run stopped on request (a signal) after writing its checkpoint at ``step``
+    (``done``: how far it got, when steps are not the unit, e.g. ``"3 of 5 folds"``).
 
     Not a :class:`~cnn.errors.CnnError`: nothing went wrong. CLIs exit with
     :data:`EXIT_REQUEUE`.
     """
 
-    def __init__(self, step: int, path: str | os.PathLike | None, signum: int | None = None):
+    def __init__(self, step: int, path: str | os.PathLike | None, signum: int | None = None,
+                 done: str | None = None):
         self.step, self.path, self.signum = int(step), path, signum
         name = signal.Signals(signum).name if signum else "a stop request"
-        where = f"checkpoint {path}" if path else "no checkpoint (no --checkpoint-dir)"
-        super().__init__(f"stopped on {name} after step {step}; {where}; run the same command "
-                         f"with --resume to continue (exit status {EXIT_REQUEUE})")
+        where = f"checkpoint {path}" if path else "no checkpoint yet"
+        super().__init__(f"stopped on {name} after {done or f'step {step}'}; {where}; run the "
+                         f"same command with --resume to continue (exit status "
+                         f"{EXIT_REQUEUE})")
+
+
+def require_resumable(directory: str | os.PathLike, pattern: str) -> None:
+    """``--resume`` needs something to resume: raise :class:`CheckpointError` unless a file
+    matching ``pattern`` is in ``directory`` (a mistyped --checkpoint-dir must not start
+    over silently)."""
+    if not any(Path(directory).glob(pattern)):
+        raise CheckpointError(f"--resume: no checkpoint in {directory} (looked for "
+                              f"{Path(directory) / pattern}); drop --resume to start a new "
+                              f"run there")
+
+
+def exit_stopped(exc: Stopped) -> NoReturn:
+    """What a CLI does with :class:`Stopped`: say where the run is, exit with
+    :data:`EXIT_REQUEUE` (a ``SystemExit``, which :func:`cnn.cli.run` lets through)."""
+    sys.stdout.flush()
+    print(exc, file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_REQUEUE) from None
 
 
 class StopFlag:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -306,10 +305,12 @@ def dataset_arg(text: str) -> str:
 
 
 def add_training_args(p: argparse.ArgumentParser, *, weights: bool = True,
-                      checkpoints: bool = True) -> argparse.ArgumentParser:
+                      checkpoints: bool = True,
+                      checkpoint_every: bool = True) -> argparse.ArgumentParser:
     """The training flags, each validated as it is parsed; MPI, HOGWILD and k-fold CLIs add
-    theirs on top. ``weights``/``checkpoints``: offer ``--save-weights`` and
-    ``--checkpoint-dir``/``--resume`` (only where the CLI honours them)."""
+    theirs on top. ``weights``/``checkpoints``/``checkpoint_every``: offer
+    ``--save-weights``, ``--checkpoint-dir``/``--resume`` and ``--checkpoint-every`` (only
+    where the CLI honours them)."""
     d = DEFAULTS
     pos, nonneg = cli.int_at_least(1), cli.int_at_least(0)
     p.add_argument("--backend", default=d["backend"], choices=list(BACKENDS))
@@ -347,6 +348,7 @@ def add_training_args(p: argparse.ArgumentParser, *, weights: bool = True,
                             f"{ckpt_io.EXIT_REQUEUE}")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --checkpoint-dir (same flags required)")
+    if checkpoints and checkpoint_every:
         p.add_argument("--checkpoint-every", type=pos, default=None, metavar="N",
                        help="also checkpoint every N steps (default: at each epoch's end)")
     p.add_argument("--experiment", default="train", help="experiment name in the results")
@@ -432,9 +434,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         save_partial_metrics(exc, args.save_metrics)
         raise
     except ckpt_io.Stopped as exc:
-        sys.stdout.flush()
-        print(exc, file=sys.stderr, flush=True)
-        raise SystemExit(ckpt_io.EXIT_REQUEUE) from None
+        ckpt_io.exit_stopped(exc)
     finish_run(df, net, args)
     return df
 

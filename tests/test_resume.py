@@ -35,6 +35,7 @@ from test_mpi import (
 
 from cnn import checkpoint, data
 from cnn.checkpoint import EXIT_REQUEUE
+from cnn.errors import CheckpointError, UsageError
 from cnn.optim import make_schedule
 from cnn.parallel.mpi_strategies import shard_bounds
 
@@ -400,3 +401,171 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     ref_w, _ = _reference(tmp_path, 2, RUN)
     _ok(mpirun(2, [*flags, "--resume", "--save-weights", str(w)]))
     _same_weights(w, ref_w)
+
+
+# --- cnn.train, HOGWILD and k-fold ---------------------------------------------------------
+
+def _popen(argv: list[str]) -> subprocess.Popen:
+    """A CLI in its own session (as a terminal's foreground job: Ctrl-C reaches the group)."""
+    return subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _stop_group(proc: subprocess.Popen, sig: int, wait_for: Path) -> tuple[str, str, list]:
+    """Signal ``proc``'s process group once ``wait_for`` exists; its output and the processes
+    it had started (to check none is left)."""
+    try:
+        _wait_for(wait_for, proc, timeout=180)
+        procs = _tree(proc.pid)
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out, err, procs
+
+
+def _no_processes_left(procs: list[psutil.Process], session: int) -> None:
+    left = _gone(procs, timeout=30)  # ipyparallel's engine nannies take a few seconds
+    assert not left, f"left running: {left}"
+    assert not [p for p in psutil.process_iter(["pid"]) if _sid(p) == session]
+
+
+def _sid(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+def test_cnn_train_checkpoints_on_sigterm_and_resumes_exactly(tmp_path):
+    flags = ["cnn.train", "--dataset", "digits", "--epochs", "12", "--batch-size", "32",
+             "--no-progress", "--seed", "3"]
+    ref, w, ck = tmp_path / "ref.npz", tmp_path / "w.npz", tmp_path / "ck"
+    _ok(subprocess.run([sys.executable, "-m", *flags, "--save-weights", str(ref)],
+                       capture_output=True, text=True, timeout=300))
+    proc = _popen([*flags, "--checkpoint-dir", str(ck), "--save-weights", str(w)])
+    _, err, _ = _stop_group(proc, signal.SIGTERM, ck / "checkpoint.npz")
+    assert proc.returncode == EXIT_REQUEUE, err
+    assert "stopped on SIGTERM after step " in err and not w.exists()
+    _ok(subprocess.run([sys.executable, "-m", *flags, "--checkpoint-dir", str(ck), "--resume",
+                        "--save-weights", str(w)], capture_output=True, text=True, timeout=300))
+    _same_weights(w, ref)
+
+
+HOG = ["--dataset", "digits", "--epochs", "6", "--batch-size", "32", "--seed", "4",
+       "--no-progress"]
+
+
+def test_hogwild_resume_with_one_worker_is_bit_for_bit(tmp_path):
+    """SIGTERM to the parent: the epoch finishes, the checkpoint is written, exit 75. With
+    one worker HOGWILD is sequential SGD, so the resumed run must be the uninterrupted one
+    exactly: weights, and every epoch's row."""
+    from cnn.parallel.hogwild import parse_args, run_hogwild
+
+    ck = tmp_path / "ck"
+    proc = _popen(["cnn.parallel.hogwild", "--workers", "1", *HOG, "--checkpoint-dir",
+                   str(ck)])
+    saved = ck / "hogwild-1" / "checkpoint.npz"
+    try:
+        _wait_for(saved, proc, timeout=180)
+        proc.send_signal(signal.SIGTERM)  # the parent only: workers finish the epoch
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_REQUEUE, err
+    _, meta = checkpoint.load(saved)
+    assert f"stopped on SIGTERM after step {meta['global_step']}; checkpoint {saved}" in err
+    assert 1 <= meta["epochs_done"] < 6 and meta["global_step"] == 45 * meta["epochs_done"]
+    args = parse_args(HOG, workers=1)
+    ref, ref_params = run_hogwild(args, log=None, return_params=True)
+    resumed = parse_args(HOG, workers=1, checkpoint_dir=str(ck), resume=True)
+    got, params = run_hogwild(resumed, log=None, return_params=True)
+    np.testing.assert_array_equal(params, ref_params)
+    cols = ["epoch", "step", "samples", "train_loss", "test_loss", "test_acc", "updates"]
+    pd.testing.assert_frame_equal(got[cols], ref[cols])
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"cnn_hogwild_{proc.pid}_")]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_hogwild_stopped_by_a_group_signal_leaves_nothing_and_resumes(tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole group: status 130) or a batch system's SIGTERM to every
+    process (the workers die of it: status 75): no process or segment is left, the completed
+    epochs' checkpoint is kept and the resumed run trains the rest."""
+    ck = tmp_path / "ck"
+    argv = ["cnn.parallel.hogwild", "--workers", "2", *HOG, "--epochs", "10",
+            "--checkpoint-dir", str(ck)]
+    proc = _popen(argv)
+    saved = ck / "hogwild-2" / "checkpoint.npz"
+    _, err, procs = _stop_group(proc, getattr(signal, sig), saved)
+    assert proc.returncode == (130 if sig == "SIGINT" else EXIT_REQUEUE), err
+    _no_processes_left(procs, proc.pid)
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"cnn_hogwild_{proc.pid}_")]
+    _, meta = checkpoint.load(saved)
+    done = meta["epochs_done"]
+    assert 1 <= done < 10
+    m = tmp_path / "m.pkl"
+    _ok(subprocess.run([sys.executable, "-m", *argv, "--resume", "--save-metrics", str(m)],
+                       capture_output=True, text=True, timeout=600))
+    df = pd.read_pickle(m)
+    assert df["epoch"].tolist() == list(range(1, 11))
+    assert (df["updates"] == 45).all() and df["samples"].iloc[-1] == 10 * 1438
+    assert checkpoint.load(saved)[1]["epochs_done"] == 10
+
+
+KF = ["cnn.parallel.kfold", "--dataset", "digits", "--subset", "600", "--folds", "4",
+      "--epochs", "15", "--no-progress", "--seed", "1"]
+
+
+def test_kfold_ctrl_c_keeps_finished_folds_and_resume_skips_them(tmp_path):
+    """Ctrl-C of a k-fold run on 2 engines: engines and controller stop, the finished folds'
+    files stay; the resumed run trains only the others, and every fold is the fold a serial
+    run computes (same weights)."""
+    ck = tmp_path / "ck"
+    proc = _popen([*KF, "--engines", "2", "--checkpoint-dir", str(ck)])
+    folder = ck / "engines-2"
+    _, err, procs = _stop_group(proc, signal.SIGINT, folder / "fold-0.json")
+    if proc.returncode == 0:  # every fold finished before the signal: nothing to test
+        pytest.fail(f"the run finished before Ctrl-C; make it longer\n{err}")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    _no_processes_left(procs, proc.pid)
+    kept = sorted(int(p.stem.split("-")[1]) for p in folder.glob("fold-*.json"))
+    assert 1 <= len(kept) < 4 and not list(folder.glob("*.tmp"))
+    m, ref = tmp_path / "m.pkl", tmp_path / "ref.pkl"
+    _ok(subprocess.run([sys.executable, "-m", *KF, "--engines", "2", "--checkpoint-dir",
+                        str(ck), "--resume", "--save-metrics", str(m)], capture_output=True,
+                       text=True, timeout=600))
+    _ok(subprocess.run([sys.executable, "-m", "study.kfold_serial", *KF[1:],
+                        "--save-metrics", str(ref)], capture_output=True, text=True,
+                       timeout=600))
+    got, want = (pd.read_pickle(p) for p in (m, ref))
+    got, want = (d[d["kind"] == "fold"].set_index("fold") for d in (got, want))
+    assert got["weights_sha256"].to_dict() == want["weights_sha256"].to_dict()
+    assert sorted(got.index[got["kept"]].astype(int)) == kept
+
+
+def test_kfold_fold_files_are_never_mixed_into_another_run(tmp_path):
+    from cnn.parallel.kfold import main
+
+    ck = tmp_path / "ck"
+    flags = ["--dataset", "digits", "--subset", "200", "--folds", "3", "--epochs", "1",
+             "--engines", "1", "--serial", "--no-progress", "--checkpoint-dir", str(ck)]
+    first = main(flags)
+    for run in ("serial", "engines-1"):
+        assert sorted(p.name for p in (ck / run).iterdir()) == [
+            "fold-0.json", "fold-1.json", "fold-2.json"]
+    with pytest.raises(UsageError, match="holds finished folds of an earlier run"):
+        main(flags)
+    with pytest.raises(CheckpointError, match="--lr was 0.05, now 0.1"):
+        main([*flags, "--resume", "--lr", "0.1"])
+    with pytest.raises(CheckpointError, match="--no-stratify was False, now True"):
+        main([*flags, "--resume", "--no-stratify"])
+    df = main([*flags, "--resume"])  # everything kept: no fold is trained again
+    folds = df[df["kind"] == "fold"]
+    assert folds["kept"].all()
+    assert folds["weights_sha256"].tolist() == first[first["kind"] == "fold"][
+        "weights_sha256"].tolist()
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        main([*flags[:-1], str(tmp_path / "elsewhere"), "--resume"])

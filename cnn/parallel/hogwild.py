@@ -50,6 +50,13 @@ How it is built here:
   applies its own; a step *overlaps* when another worker's update was in progress
   at its start or end, or completed during it (a write-write collision; always 0
   with ``--lock``).
+* **Checkpoints** (``--checkpoint-dir``, :mod:`cnn.parallel.hogwild_checkpoint`): after
+  every epoch the parent saves the shared weights and every worker's optimiser state
+  (sent with its epoch report); ``--resume`` starts the workers at the next epoch. SIGTERM
+  or SIGUSR1 to the parent finish the epoch, checkpoint and stop (exit status 75); if the
+  signal also killed the workers (sent to the whole process group), the last epoch's
+  checkpoint stands and the exit status is 75 as well. Ctrl-C stops at once (status 130),
+  keeping the completed epochs' checkpoint.
 * **Failure.** A worker that raises sends its traceback and exits; one that dies
   without a word (segfault, ``os._exit``, OOM kill) is seen by polling exit codes
   every 0.2 s. Either way the parent terminates the others, unlinks the segment and
@@ -75,11 +82,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn import checkpoint as ckpt_io
 from cnn import cli
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import make_row, save_metrics, step_stats, to_frame
+from cnn.parallel.hogwild_checkpoint import (
+    EpochCheckpoint,
+    fit_checkpoint,
+    run_dir,
+)
 from cnn.train import (
+    CHECKPOINT,
     add_training_args,
     build_network,
     load_data,
@@ -143,6 +157,11 @@ class _Spec:
     total_steps: int
     parent_pid: int
     fault: dict[str, Any] | None = None
+    #: resumed runs start here, each worker with its saved optimiser state
+    first_epoch: int = 0
+    opt_states: list[dict[str, Any]] | None = None
+    #: workers send their optimiser state with each epoch report (for the checkpoint)
+    checkpoint: bool = False
 
     @property
     def epochs_run(self) -> int:
@@ -190,12 +209,14 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
         args, W = spec.args, spec.workers
         net = build_network(args, spec.input_shape, spec.num_classes, params=v["params"])
         opt, sched = make_training(net, args, spec.steps_per_epoch)
+        if spec.opt_states:  # resumed: this worker's momentum (Adam moments) as saved
+            opt.load_state_dict(spec.opt_states[w])
         fault = spec.fault if spec.fault and spec.fault.get("worker") == w else None
         warm_s = _warm_up(args, spec, x, y)
         results.put(("ready", w, {"pid": os.getpid(), "threads": net.threads,
                                   "device": net.backend.device_name(), "warm_s": warm_s}))
         n, spe = len(y), spec.steps_per_epoch
-        for epoch in range(spec.epochs_run):
+        for epoch in range(spec.first_epoch, spec.epochs_run):
             _wait_release(sem, spec.parent_pid)
             batches = list(cdata.iterate_batches(n, args.batch_size, args.seed, epoch))
             times, losses, stale, overlaps, lock_wait = [], [], [], 0, 0.0
@@ -242,7 +263,8 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
             results.put(("epoch", w, {"epoch": epoch, "times": times, "losses": losses,
                                       "stale": stale, "overlaps": overlaps,
                                       "lock_wait": lock_wait,
-                                      "cpu_s": time.process_time() - cpu0}))
+                                      "cpu_s": time.process_time() - cpu0,
+                                      **({"opt": opt.state_dict()} if spec.checkpoint else {})}))
         del net, opt, v, ctr, x, y
         results.put(("done", w, None))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
@@ -330,7 +352,7 @@ class _Pool:
             p = self.procs[w]
             if kind == "epoch" and epoch is not None:
                 before = sum(len(shard(w, spec.workers, spec.steps_per_epoch, spec.total_steps,
-                                       e)) for e in range(epoch))
+                                       e)) for e in range(spec.first_epoch, epoch))
                 mine = len(shard(w, spec.workers, spec.steps_per_epoch, spec.total_steps,
                                  epoch))
                 done = int(self.counters[w, _COUNT]) - before
@@ -390,8 +412,19 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
     (``{"worker": w, "step": s, "kind": "raise" | "exit" | "stall" | "nan"}``). With
     ``return_params`` the final shared weights are returned too, as ``(frame, params)``.
     A diverging loss raises :class:`~cnn.errors.DivergenceError` whose ``frame`` holds
-    the rows of the epochs completed before it.
+    the rows of the epochs completed before it. With ``args.checkpoint_dir`` every epoch
+    is checkpointed (in :func:`~cnn.parallel.hogwild_checkpoint.run_dir`), ``args.resume``
+    continues from it, and SIGTERM/SIGUSR1 stop the run after checkpointing, raising
+    :class:`cnn.checkpoint.Stopped`.
     """
+    signals = (signal.SIGTERM, signal.SIGUSR1) if getattr(args, "checkpoint_dir", None) else ()
+    with ckpt_io.StopFlag(signals) as flag:
+        return _run_hogwild(args, train, test, log=log, fault=fault,
+                            return_params=return_params, flag=flag)
+
+
+def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
+                 return_params: bool, flag: ckpt_io.StopFlag):
     if train is None:
         train, test0 = load_data(args)
         test = test if test is not None else test0
@@ -417,41 +450,80 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
     total = spe * args.epochs if args.max_steps is None else min(args.max_steps, spe * args.epochs)
     net = build_network(args, x.shape[1:], ncls)  # initial weights, and evaluation later
     lay = _layout(W, net.num_params, net.dtype, x, y)
+    strategy = "hogwild-locked" if args.lock else "hogwild"
+    ck, saved = None, None
+    if getattr(args, "checkpoint_dir", None):
+        ck = EpochCheckpoint(run_dir(args.checkpoint_dir, strategy, W), args, {
+            "workers": W, "lock": bool(args.lock), "train_samples": len(y),
+            "network": {k: v for k, v in net.config().items() if k != "seed"},
+            "steps_per_epoch": spe, "total_steps": total})
+        if args.resume and ck.exists():
+            saved = ck.load()
+            if log:
+                log(f"resumed from {ck.path} after epoch {saved['epochs_done']} (step "
+                    f"{saved['global_step']})")
 
     import multiprocessing as mp
     ctx = mp.get_context(args.start_method)
     shm = shared_memory.SharedMemory(create=True, size=lay["size"],
                                      name=f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}")
-    pool, failure = None, None
+    pool, failure, stopped = None, None, None
     snapshots, epochs_stats, walls = [], [], []
+    first, ready, startup_s, saved_step = 0, {}, math.nan, 0
+    if saved is not None:
+        snapshots, epochs_stats, walls = saved["snapshots"], saved["stats"], saved["walls"]
+        first, ready, startup_s = saved["epochs_done"], saved["ready"], saved["startup_s"]
+        saved_step = saved["global_step"]
     try:
         v = _views(shm.buf, lay)
         v["counters"][...] = 0
-        v["params"][...] = net.params
+        v["params"][...] = net.params if saved is None else saved["params"]
         v["x"][...] = x
         v["y"][...] = y
         spec = _Spec(shm.name, lay, args, tuple(x.shape[1:]), ncls, W, spe, total, os.getpid(),
-                     fault)
-        pool = _Pool(ctx, spec, lock=args.lock, counters=v["counters"])
-        t_start = time.perf_counter()
-        pool.start()
-        ready = pool.collect("ready", timeout=args.startup_timeout)
-        startup_s = time.perf_counter() - t_start
-        if log:
-            log(f"HOGWILD: {W} worker process(es) ({args.start_method}), "
-                f"{'locked updates' if args.lock else 'lock-free'}, segment {shm.name} "
-                f"({lay['size'] / 2**20:.1f} MiB), started in {startup_s:.1f} s")
+                     fault, first_epoch=first, checkpoint=ck is not None,
+                     opt_states=saved["opt_states"] if saved is not None else None)
         try:
-            for epoch in range(spec.epochs_run):
+            if first < spec.epochs_run:
+                pool = _Pool(ctx, spec, lock=args.lock, counters=v["counters"])
+                t_start = time.perf_counter()
+                pool.start()
+                ready_now = pool.collect("ready", timeout=args.startup_timeout)
+                startup_now = time.perf_counter() - t_start
+                if saved is None:  # the first start's JIT and start-up are the run's
+                    ready, startup_s = ready_now, startup_now
+                if log:
+                    log(f"HOGWILD: {W} worker process(es) ({args.start_method}), "
+                        f"{'locked updates' if args.lock else 'lock-free'}, segment "
+                        f"{shm.name} ({lay['size'] / 2**20:.1f} MiB), started in "
+                        f"{startup_now:.1f} s")
+            for epoch in range(first, spec.epochs_run):
                 t0 = time.perf_counter()
                 pool.release()
                 stats = pool.collect("epoch", timeout=epoch_timeout, epoch=epoch)
                 walls.append(time.perf_counter() - t0)
                 snapshots.append(v["params"].copy())
+                opt_states = [stats[w].pop("opt", None) for w in range(W)]
                 epochs_stats.append(stats)
-            pool.collect("done", timeout=epoch_timeout)
+                if ck is not None:
+                    saved_step = min(total, (epoch + 1) * spe)
+                    ck.save(v["params"], snapshots, opt_states, epochs_stats, walls, ready,
+                            startup_s, saved_step)
+                if flag.requested and epoch + 1 < spec.epochs_run:
+                    stopped = ckpt_io.Stopped(saved_step, ck.path, flag.signum)
+                    break
+            else:
+                if pool is not None:
+                    pool.collect("done", timeout=epoch_timeout)
         except DivergenceError as exc:
             failure = exc
+        except HogwildWorkerError:
+            if not flag.requested:
+                raise
+            # the signal reached the workers too (sent to the process group): the last
+            # epoch's checkpoint is where the run stopped
+            stopped = ckpt_io.Stopped(saved_step, ck.path if saved_step else None,
+                                      flag.signum)
         final = v["params"].copy()
         del v
     finally:
@@ -461,6 +533,8 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
         with contextlib.suppress(BufferError):
             shm.close()
 
+    if stopped is not None:
+        raise stopped
     rows, seen, wall = [], 0, 0.0
     info = ready[0]
     for e, (params, stats) in enumerate(zip(snapshots, epochs_stats, strict=True)):
@@ -476,7 +550,7 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
         wall += walls[e]
         st = step_stats(times, 0)
         rows.append(make_row(
-            experiment=args.experiment, strategy="hogwild-locked" if args.lock else "hogwild",
+            experiment=args.experiment, strategy=strategy,
             backend=net.backend.NAME, processes=W, threads=info["threads"],
             device=info["device"], model=args.model, dataset=args.dataset,
             batch_size=args.batch_size, epochs=e + 1, samples=seen, wall_s=wall,
@@ -516,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="HOGWILD! lock-free SGD: worker processes updating one shared-memory "
                     "weight buffer without locks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p, weights=False, checkpoints=False)
+    add_training_args(p, weights=False, checkpoint_every=False)  # epoch boundaries only
     seconds = cli.number(0, lo_open=True)
     g = p.add_argument_group("HOGWILD")
     g.add_argument("--workers", type=cli.int_at_least(1), nargs="+", default=[2],
@@ -561,11 +635,13 @@ def sequential_baseline(args: argparse.Namespace, train, test, *,
     opt, sched = make_training(net, args, spe)
     # the same untimed scratch step the workers take (JIT, first calls)
     _warm_up(args, _Spec("", {}, args, tuple(x.shape[1:]), ncls, 1, spe, 0, 0), x, y)
-    return fit(net, train, test, epochs=args.epochs, batch_size=args.batch_size, optimizer=opt,
-               schedule=sched, seed=args.seed, max_steps=args.max_steps, progress=False,
-               log=log, experiment=args.experiment, strategy="sequential", processes=1,
-               model=args.model, dataset=args.dataset, workers=1, lock=False,
-               momentum=args.momentum)
+    signals = (signal.SIGTERM, signal.SIGUSR1) if getattr(args, "checkpoint_dir", None) else ()
+    with ckpt_io.StopFlag(signals) as flag:
+        return fit(net, train, test, epochs=args.epochs, batch_size=args.batch_size,
+                   optimizer=opt, schedule=sched, seed=args.seed, max_steps=args.max_steps,
+                   progress=False, log=log, experiment=args.experiment, strategy="sequential",
+                   processes=1, model=args.model, dataset=args.dataset, workers=1, lock=False,
+                   momentum=args.momentum, **fit_checkpoint(args, flag))
 
 
 def compare(args: argparse.Namespace, train=None, test=None, *, workers=(1, 2),
@@ -618,12 +694,16 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     log = None if args.no_progress else print
+    if args.resume:
+        ckpt_io.require_resumable(args.checkpoint_dir, f"*/{CHECKPOINT}")
     try:
         df = compare(args, workers=args.workers, also_lock=args.also_lock,
                      sequential=args.sequential, log=log)
     except DivergenceError as exc:
         save_partial_metrics(exc, args.save_metrics)
         raise
+    except ckpt_io.Stopped as exc:
+        ckpt_io.exit_stopped(exc)
     if args.save_metrics:
         save_metrics(df, args.save_metrics)
     with pd.option_context("display.width", 160, "display.max_columns", 20,

@@ -21,6 +21,13 @@ one line per fold) rather than in submission order. Every wait has a timeout; an
 engine that dies (it unregisters, or its task comes back as an ``EngineError``) stops
 the run at once with :class:`KFoldEngineError` naming the fold and the engine.
 
+With ``--checkpoint-dir DIR`` every finished fold's result is written at once, atomically,
+to ``DIR/<run>/fold-<k>.json`` (``<run>``: ``serial`` or ``engines-<E>``; JSON: nothing in
+it can run code); ``--resume`` reads them back, checks they are this run's (flags and fold
+plan) and trains only the missing folds, so a run stopped by Ctrl-C, SIGTERM or SIGUSR1
+(all three stop it at once, engines shut down; the last two exit with status 75) or
+killed loses only the folds that were running.
+
 While the folds run, a background thread samples the utilisation of every core
 with ``psutil.cpu_percent(percpu=True, interval=...)``, for the serial and the
 parallel runs alike, as the seed study did.
@@ -31,24 +38,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import os
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cnn import checkpoint as ckpt_io
 from cnn import cli
 from cnn import data as cdata
-from cnn.errors import CnnError
+from cnn.errors import CheckpointError, CnnError, UsageError
+from cnn.io import atomic_write
 from cnn.metrics import make_row, save_metrics, to_frame
-from cnn.train import add_training_args
+from cnn.train import KEY_FLAGS, RESUME_FREE_FLAGS, add_training_args, resume_args
 
 _POLL_S = 0.1
+FOLD_FORMAT = "cnn-kfold-fold"
+#: Flags a resumed k-fold command may change (which runs it makes, how it measures).
+KFOLD_FREE_FLAGS: frozenset[str] = RESUME_FREE_FLAGS | {
+    "engines", "serial", "cpu_interval", "timeout"}
 
 
 class KFoldEngineError(CnnError, RuntimeError):
@@ -203,6 +219,58 @@ class CpuSampler:
         return float(np.mean(self.own)) if self.own else math.nan
 
 
+# --- finished folds on disk -------------------------------------------------------------
+
+class FoldStore:
+    """The finished folds of one run, one JSON file each (``fold-<k>.json``), written
+    atomically as each fold finishes; a resumed run keeps them and skips those folds."""
+
+    def __init__(self, directory: str | Path, args: argparse.Namespace,
+                 plan: list[tuple[np.ndarray, np.ndarray]]):
+        self.dir = Path(directory)
+        self.run_args = ckpt_io.jsonable(
+            {k: v for k, v in resume_args(args).items() if k not in KFOLD_FREE_FLAGS})
+        # the plan: how many folds, and which samples each one holds out
+        self.plan = {"folds": len(plan), "held_out_sha256": [
+            hashlib.sha256(np.ascontiguousarray(va, dtype=np.int64).tobytes()).hexdigest()
+            for _, va in plan]}
+
+    def path(self, fold: int) -> Path:
+        return self.dir / f"fold-{fold}.json"
+
+    def save(self, result: dict[str, Any]) -> None:
+        doc = {"format": FOLD_FORMAT, "run": self.run_args, "plan": self.plan,
+               "result": ckpt_io.jsonable(result)}
+        with atomic_write(self.path(result["fold"])) as fh:
+            fh.write(json.dumps(doc, allow_nan=True).encode("utf-8"))
+
+    def load(self, resume: bool) -> dict[int, dict[str, Any]]:
+        """The folds already finished (``resume``), after checking each file is this run's;
+        without ``resume``, fold files there are an error (never silently mixed in)."""
+        files = sorted(self.dir.glob("fold-*.json"))
+        if files and not resume:
+            raise UsageError(f"--checkpoint-dir {self.dir.parent}: {self.dir} holds finished "
+                             f"folds of an earlier run ({files[0].name}, ...); add --resume to "
+                             f"continue it, or give another --checkpoint-dir")
+        done: dict[int, dict[str, Any]] = {}
+        for f in files:
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+                ok = isinstance(doc, dict) and doc.get("format") == FOLD_FORMAT
+                result = doc["result"] if ok else None
+            except (OSError, UnicodeDecodeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{f} is truncated or corrupt and cannot be read "
+                                      f"({exc}); delete it to train that fold again") from None
+            if not ok:
+                raise CheckpointError(f"{f} is not a k-fold result written by cnn")
+            ckpt_io.refuse_changes(f, doc.get("run") or {}, self.run_args, KEY_FLAGS)
+            if doc.get("plan") != self.plan:
+                raise CheckpointError(f"--resume: {f} belongs to another fold plan (another "
+                                      f"--folds, --seed, --subset or stratification)")
+            done[int(result["fold"])] = result
+        return done
+
+
 # --- the run ---------------------------------------------------------------------------
 
 def _config(args: argparse.Namespace, n: int, num_classes: int) -> dict[str, Any]:
@@ -221,10 +289,14 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 
-def _run_serial(cfg, plan, bar, log) -> list[dict[str, Any]]:
+def _run_serial(cfg, plan, bar, log, on_fold: Callable[[dict[str, Any]], None],
+                stop: ckpt_io.StopFlag) -> list[dict[str, Any]]:
     out = []
-    for k, (tr, va) in enumerate(plan):
+    for k, (tr, va) in plan.items():
+        if stop.requested:
+            raise ckpt_io.Stopped(len(out), None, stop.signum)
         r = train_fold(cfg, k, tr, va)
+        on_fold(r)
         out.append(r)
         bar.update(1)
         if log:
@@ -233,7 +305,8 @@ def _run_serial(cfg, plan, bar, log) -> list[dict[str, Any]]:
 
 
 def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, sampler_box,
-                 interval) -> tuple[list[dict[str, Any]], float, float]:
+                 interval, on_fold: Callable[[dict[str, Any]], None],
+                 stop: ckpt_io.StopFlag) -> tuple[list[dict[str, Any]], float, float]:
     import ipyparallel as ipp
 
     # by reference to the importable module, even when this file runs as __main__
@@ -258,7 +331,7 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
         with sampler:
             t0, t_wall0 = time.perf_counter(), time.time()
             pending = {lview.apply_async(train_fold, cfg, k, tr, va): k
-                       for k, (tr, va) in enumerate(plan)}
+                       for k, (tr, va) in plan.items()}
             results = []
             while pending:
                 done = [a for a in pending if a.ready()]
@@ -271,6 +344,7 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
                             f"fold {k} failed on engine {a.engine_id}: "
                             f"{type(exc).__name__}: {exc}") from exc
                     r["engine"] = a.engine_id
+                    on_fold(r)
                     results.append(r)
                     bar.update(1)
                     if log:
@@ -285,6 +359,8 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
                     raise KFoldEngineError(
                         f"fold(s) {sorted(pending.values())} not finished after {timeout:.0f} s;"
                         f" run stopped")
+                if pending and stop.requested:  # the finally below shuts the engines down
+                    raise ckpt_io.Stopped(len(results), None, stop.signum)
                 if pending and not done:
                     time.sleep(_POLL_S)
             wall = time.perf_counter() - t0  # first submit to last result handled
@@ -313,7 +389,11 @@ def run_kfold(args: argparse.Namespace, *, folds: int | None = None, engines: in
 
     Returns one row per fold (``kind == "fold"``, ``test_acc`` = held-out accuracy) and
     one summary row (``kind == "run"``: wall time, mean and std accuracy, per-core
-    CPU samples). ``hooks`` are test hooks (``_die_on_fold=k``).
+    CPU samples). ``hooks`` are test hooks (``_die_on_fold=k``). With
+    ``args.checkpoint_dir`` each finished fold is kept on disk (:class:`FoldStore`) and
+    ``args.resume`` trains only the others (their rows say ``kept``; the run row's wall
+    time and throughput are this run's folds'); SIGTERM and SIGUSR1 then stop the run at
+    once, raising :class:`cnn.checkpoint.Stopped`.
     """
     folds = int(folds if folds is not None else args.folds)
     engines = 1 if serial else int(engines if engines is not None else args.engines[0])
@@ -325,24 +405,41 @@ def run_kfold(args: argparse.Namespace, *, folds: int | None = None, engines: in
     # "sequential" is the baseline name every speedup in the study is computed against
     strategy = "sequential" if serial else "kfold"
     desc = "serial" if serial else f"{engines} engine(s)"
-    bar = _bar(folds, f"{folds} folds, {desc}", progress)
+    base = getattr(args, "checkpoint_dir", None)
+    store = FoldStore(Path(base) / ("serial" if serial else f"engines-{engines}"), args,
+                      plan) if base else None
+    kept = store.load(bool(getattr(args, "resume", False))) if store is not None else {}
+    todo = {k: fold for k, fold in enumerate(plan) if k not in kept}
+    if log and kept:
+        log(f"{desc}: folds {sorted(kept)} kept from {store.dir}, training {sorted(todo)}")
+    bar = _bar(len(todo), f"{folds} folds, {desc}", progress)
     sampler_box: list[CpuSampler] = []
+    on_fold = store.save if store is not None else (lambda r: None)
+    signals = (signal.SIGTERM, signal.SIGUSR1) if store is not None else ()
+    t_wall0, wall, results = time.time(), 0.0, []
     try:
-        if serial:
-            warm_up(cfg)
-            sampler = CpuSampler(cpu_interval)
-            sampler_box.append(sampler)
-            with sampler:
-                t0, t_wall0 = time.perf_counter(), time.time()
-                results = _run_serial(cfg, plan, bar, log)
-                wall = time.perf_counter() - t0
-        else:
-            results, wall, t_wall0 = _run_engines(cfg, plan, engines, bar, log, timeout,
-                                                  start_timeout, sampler_box, cpu_interval)
+        with ckpt_io.StopFlag(signals) as stop:
+            if serial:
+                warm_up(cfg)
+                sampler = CpuSampler(cpu_interval)
+                sampler_box.append(sampler)
+                with sampler:
+                    t0, t_wall0 = time.perf_counter(), time.time()
+                    results = _run_serial(cfg, todo, bar, log, on_fold, stop)
+                    wall = time.perf_counter() - t0
+            elif todo:
+                results, wall, t_wall0 = _run_engines(cfg, todo, engines, bar, log, timeout,
+                                                      start_timeout, sampler_box, cpu_interval,
+                                                      on_fold, stop)
+    except ckpt_io.Stopped as exc:
+        finished = len(list(store.dir.glob("fold-*.json")))
+        raise ckpt_io.Stopped(finished, store.dir, exc.signum,
+                              done=f"{finished} of {folds} folds") from None
     finally:
         bar.close()
-    sampler = sampler_box[-1]
-    results.sort(key=lambda r: r["fold"])
+    sampler = sampler_box[-1] if sampler_box else CpuSampler(cpu_interval)
+    new_samples = sum(r["samples"] for r in results)
+    results = sorted([*kept.values(), *results], key=lambda r: r["fold"])
     common = dict(experiment=args.experiment, strategy=strategy, processes=engines,
                   model=args.model, dataset=args.dataset, batch_size=args.batch_size,
                   epochs=args.epochs, folds=folds, engines=0 if serial else engines,
@@ -355,20 +452,21 @@ def run_kfold(args: argparse.Namespace, *, folds: int | None = None, engines: in
                              train_wall_s=r["train_wall_s"], start_s=r["t_start"] - t_wall0,
                              end_s=r["t_end"] - t_wall0,
                              samples_per_s=r["samples"] / max(r["train_wall_s"], 1e-12),
-                             comm_s=0.0))
+                             comm_s=0.0, kept=r["fold"] in kept))
     accs = np.array([r["test_acc"] for r in results])
     samples = sum(r["samples"] for r in results)
     busy = sampler.busy()
     rows.append(make_row(
         kind="run", **common, backend=results[0]["backend"], threads=results[0]["threads"],
         device=results[0]["device"], samples=samples, wall_s=wall,
-        compile_s=sum(r["compile_s"] for r in results), samples_per_s=samples / wall,
+        compile_s=sum(r["compile_s"] for r in results),
+        samples_per_s=new_samples / wall if wall > 0 else math.nan,
         comm_s=0.0, test_acc=float(accs.mean()), test_acc_std=float(accs.std(ddof=1)),
         final_loss=float(np.mean([r["final_loss"] for r in results])),
         cpu_busy=busy, cpu_busy_min=min(busy) if busy else math.nan,
         cpu_times=list(sampler.times), cpu_samples=list(sampler.samples),
         cpu_own=list(sampler.own), cpu_own_mean=sampler.own_mean(),
-        cpu_interval=cpu_interval))
+        cpu_interval=cpu_interval, folds_kept=len(kept)))
     if log:
         log(f"{folds}-fold {desc}: accuracy {accs.mean():.4f} +- {accs.std(ddof=1):.4f}, "
             f"{wall:.1f} s, per-core busy {busy} % (this run's processes: "
@@ -415,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cnn.parallel.kfold",
         description="Asynchronous K-fold cross-validation on ipyparallel engines.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p, weights=False, checkpoints=False)
+    add_training_args(p, weights=False, checkpoint_every=False)  # whole folds only
     seconds = cli.number(0, lo_open=True)
     g = p.add_argument_group("k-fold")
     g.add_argument("--folds", type=cli.int_at_least(2), default=4)
@@ -456,8 +554,14 @@ def compare(args: argparse.Namespace, *, serial: bool = True,
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     log = None if args.no_progress else print
-    df = compare(args, serial=args.serial, engines=args.engines, progress=not args.no_progress,
-                 log=log, cpu_interval=args.cpu_interval, timeout=args.timeout)
+    if args.resume:
+        ckpt_io.require_resumable(args.checkpoint_dir, "*/fold-*.json")
+    try:
+        df = compare(args, serial=args.serial, engines=args.engines,
+                     progress=not args.no_progress, log=log, cpu_interval=args.cpu_interval,
+                     timeout=args.timeout)
+    except ckpt_io.Stopped as exc:
+        ckpt_io.exit_stopped(exc)
     if args.save_metrics:
         save_metrics(df, args.save_metrics)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
