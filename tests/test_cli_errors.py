@@ -51,7 +51,13 @@ SPECIFIC = [
     ("hogwild", ["--epoch-timeout", "0"], "argument --epoch-timeout: must be a finite number > 0"),
     ("hogwild", ["--epoch-timeout", "nan"], "argument --epoch-timeout: must be a finite number"),
     ("hogwild", ["--save-weights", "w.npz"], "unrecognized arguments: --save-weights"),
-    ("hogwild", ["--resume"], "unrecognized arguments: --resume"),
+    ("hogwild", ["--resume"], "--resume needs --checkpoint-dir"),
+    # HOGWILD checkpoints at epoch boundaries, k-fold per finished fold: no step interval
+    ("hogwild", ["--checkpoint-every", "5"], "unrecognized arguments: --checkpoint-every"),
+    ("kfold", ["--checkpoint-every", "5"], "unrecognized arguments: --checkpoint-every"),
+    ("kfold", ["--resume"], "--resume needs --checkpoint-dir"),
+    ("train", ["--checkpoint-every", "0"], "argument --checkpoint-every: must be an integer >= "
+     "1, got 0"),
     ("kfold", ["--folds", "1"], "argument --folds: must be an integer >= 2, got 1"),
     ("kfold", ["--engines", "0"], "argument --engines: must be an integer >= 1, got 0"),
     ("kfold", ["--timeout", "0"], "argument --timeout: must be a finite number > 0"),
@@ -107,7 +113,9 @@ def test_strategy_flags_are_checked_when_parsed(name, argv, message, capsys):
     (["--sync-every", "0"], "argument --sync-every: must be an integer >= 1, got 0"),
     (["--bucket-kb", "0"], "argument --bucket-kb: must be an integer >= 1, got 0"),
     (["--inject-failure", "1:0:raise"], "argument --inject-failure: RANK:STEP:raise|kill|nan"),
-    (["--checkpoint-dir", "d"], "unrecognized arguments: --checkpoint-dir"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: must be an integer >= 1, got 0"),
+    (["--inject-failure", "0:1:sigstop"], "argument --inject-failure: RANK:STEP:raise|kill|nan|"
+     "signal"),
 ])
 def test_mpi_flags_are_checked_when_parsed(argv, message):
     with pytest.raises(Exception, match=re.escape(message)):
