@@ -13,7 +13,7 @@ with pickle.
 
 Writes go through :func:`cnn.io.atomic_write` (temporary file, fsync, rename, fsync of
 the directory): a process killed in the middle of a write leaves the previous
-checkpoint in place and loadable.
+checkpoint in place and loadable (and a temporary file, which the next save removes).
 
 >>> save("ckpt.npz", {"w": np.zeros(3)}, {"step": 10})          # doctest: +SKIP
 >>> arrays, meta = load("ckpt.npz")                             # doctest: +SKIP
@@ -117,6 +117,10 @@ def save(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
     out[META_KEY] = np.frombuffer(blob, dtype=np.uint8)
     with atomic_write(path) as fh:
         np.savez(fh, **out)
+    # a writer killed mid-write (SIGKILL, power cut) left its temporary file; the checkpoint
+    # has one writer, so any other is stale
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return Path(path)
 
 

@@ -39,7 +39,11 @@ from cnn.errors import CheckpointError, UsageError
 from cnn.optim import make_schedule
 from cnn.parallel.mpi_strategies import shard_bounds
 
-pytestmark = [needs_mpi, pytest.mark.mpi]
+
+def mpi_test(fn):
+    """Launches real mpiexec ranks."""
+    return needs_mpi(pytest.mark.mpi(fn))
+
 
 # 193 samples, 2 training ranks x 16: 7 global steps per epoch, the last one short
 RUN = [*COMMON, "--epochs", "2", "--batch-size", "16"]
@@ -75,6 +79,7 @@ SYNC = {
 }
 
 
+@mpi_test
 @pytest.mark.parametrize("name", list(SYNC))
 def test_synchronous_resume_is_bit_for_bit(tmp_path, name):
     """Stopped by SIGUSR1 after step 5 (mid-epoch, between two --checkpoint-every 2
@@ -109,6 +114,7 @@ def test_synchronous_resume_is_bit_for_bit(tmp_path, name):
     assert not list(ck.glob("*.tmp")), "checkpoint writes must be atomic"
 
 
+@mpi_test
 def test_allreduce_resumes_on_another_number_of_ranks(tmp_path):
     """2 ranks x 16 stopped, 4 ranks x 8 resumed: the same global batch, the same maths
     (up to the order of the float sums)."""
@@ -148,6 +154,7 @@ def stopped_allreduce(tmp_path_factory) -> Path:
     return ck
 
 
+@mpi_test
 @pytest.mark.parametrize("what", list(REFUSED))
 def test_resume_with_other_flags_is_refused_naming_them(stopped_allreduce, what):
     n, change, message = REFUSED[what]
@@ -162,6 +169,7 @@ def test_resume_with_other_flags_is_refused_naming_them(stopped_allreduce, what)
     assert (ck / "checkpoint.npz").read_bytes() == before
 
 
+@mpi_test
 def test_per_rank_state_is_refused_on_another_number_of_ranks(tmp_path):
     ck = tmp_path / "ck"
     flags = [*RUN, "--strategy", "model-average"]
@@ -174,6 +182,7 @@ def test_per_rank_state_is_refused_on_another_number_of_ranks(tmp_path):
             "resume it on 2 ranks (mpiexec -n 2), not 4") in proc.stderr
 
 
+@mpi_test
 @pytest.mark.parametrize("damage", ["truncated", "empty", "missing"])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(stopped_allreduce, tmp_path, damage):
     ck = tmp_path / "ck"
@@ -188,6 +197,78 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(stopped_allreduce, tmp_
             "empty": f"error: {path} is empty",
             "missing": f"error: --resume: no checkpoint in {ck} (looked for {path})"}[damage]
     assert proc.stderr.strip().startswith(want), proc.stderr
+
+
+# --- in one process: the stop flag, fit's stop hook and --checkpoint-every ---------------
+
+def test_stop_flag_turns_signals_into_a_flag_and_ctrl_c_twice_interrupts():
+    before = signal.getsignal(signal.SIGUSR1)
+    with checkpoint.StopFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert flag.signum == signal.SIGUSR1  # the process is still here
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert flag.signum == signal.SIGUSR1  # the first signal is the one reported
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with checkpoint.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+
+def _fit(tmp: Path | None, stop_at: int | None = None, resume: bool = False,
+         every: int | None = None):
+    from cnn.models import seed_cnn
+    from cnn.optim import make_optimizer
+    from cnn.train import fit
+
+    x, y = data.load("digits", "train", subset=200)
+    test = data.load("digits", "test", subset=50)
+    net = seed_cnn((1, 8, 8), padding=1, seed=1)
+    opt = make_optimizer("sgd", net, lr=0.05, momentum=0.9)
+    hooks = checkpoint.Hooks(stop=lambda step: step == stop_at, signum=lambda: 10)
+    df = fit(net, (x, y), test, epochs=3, batch_size=32, optimizer=opt,
+             schedule=make_schedule("cosine", 0.05, 21), seed=4, checkpoint_dir=tmp,
+             resume=resume, checkpoint_every=every, hooks=hooks, progress=False, log=None)
+    return net, df
+
+
+@pytest.mark.parametrize("stop_at", [5, 7, 14])
+def test_fit_stops_after_the_step_asked_and_resumes_exactly(tmp_path, stop_at):
+    """7 steps per epoch: 5 is mid-epoch, 7 and 14 are epoch ends (the row comes first)."""
+    ref_net, ref = _fit(None)
+    with pytest.raises(checkpoint.Stopped, match=f"stopped on SIGUSR1 after step {stop_at}; "
+                                                 f"checkpoint {tmp_path / 'checkpoint.npz'}"):
+        _fit(tmp_path, stop_at=stop_at)
+    _, meta = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert meta["global_step"] == stop_at and len(meta["history"]) == stop_at // 7
+    net, df = _fit(tmp_path, resume=True)
+    np.testing.assert_array_equal(net.params, ref_net.params)
+    pd.testing.assert_frame_equal(df[COLS], ref[COLS])
+
+
+def test_checkpoint_every_saves_between_epochs(tmp_path):
+    """Every 3 steps, and at each epoch's end: the last one before a kill is at most 3
+    steps old. Here: a stop at step 11 finds the step-9 checkpoint replaced by step 11's."""
+    steps = []
+    real = checkpoint.save
+
+    def spy(path, arrays, meta):
+        steps.append(meta["global_step"])
+        return real(path, arrays, meta)
+
+    checkpoint.save = spy
+    try:
+        with pytest.raises(checkpoint.Stopped):
+            _fit(tmp_path, stop_at=11, every=3)
+    finally:
+        checkpoint.save = real
+    assert steps == [3, 6, 7, 9, 11]
 
 
 # --- the asynchronous parameter server -------------------------------------------------
@@ -239,6 +320,7 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+@mpi_test
 @pytest.mark.parametrize("who", [0, 1], ids=["server-signalled", "worker-signalled"])
 def test_async_resume_applies_every_batch_once(tmp_path, who):
     """The server stops (its own SIGUSR1, or a worker's passed on to it), drains the
@@ -250,8 +332,9 @@ def test_async_resume_applies_every_batch_once(tmp_path, who):
     ck, m = tmp_path / "ck", tmp_path / "m.pkl"
     first, second = tmp_path / "first", tmp_path / "second"
     stop_at = 9 if who == 0 else 4  # the server counts messages, a worker its steps
-    _ok(_traced(tmp_path, first, [*ASYNC, "--checkpoint-dir", str(ck),
-                                  "--inject-failure", f"{who}:{stop_at}:signal"]), EXIT_REQUEUE)
+    _ok(_traced(tmp_path, first, [*ASYNC, "--checkpoint-dir", str(ck), "--checkpoint-every",
+                                  "3", "--inject-failure", f"{who}:{stop_at}:signal"]),
+        EXIT_REQUEUE)
     arrays, meta = checkpoint.load(ck / "checkpoint.npz")
     counts = arrays["async/worker_steps"].tolist()
     steps = 7  # ceil(200 / 32) global steps per epoch, each one message from each worker
@@ -307,6 +390,7 @@ LONG = ["--dataset", "digits", "--test-subset", "64", "--epochs", "6", "--batch-
         "--no-progress", "--seed", "2"]
 
 
+@mpi_test
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_a_signal_to_mpiexec_checkpoints_every_rank_and_exits_75(tmp_path, sig):
     """mpiexec forwards the signal to every rank; they finish their step, agree on it, rank 0
@@ -338,6 +422,7 @@ def test_a_signal_to_mpiexec_checkpoints_every_rank_and_exits_75(tmp_path, sig):
     _same_weights(w, ref_w)
 
 
+@mpi_test
 def test_a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint(tmp_path):
     """kill -9 of one rank mid-step: the job ends within 30 s naming the rank, nothing is
     left running or in /dev/shm (the autouse fixture), the last checkpoint loads."""
@@ -386,6 +471,7 @@ sys.exit(run_or_abort(sys.argv[1:]))
 """
 
 
+@mpi_test
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """Rank 0 SIGKILLed halfway through writing the second checkpoint: the first one is
     intact, and the run resumed from it ends as the uninterrupted run."""
@@ -398,9 +484,11 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert proc.returncode != 0, proc.stderr
     _, meta = checkpoint.load(ck / "checkpoint.npz")
     assert meta["global_step"] == 3  # the first checkpoint; the second died half-written
+    assert len(list(ck.glob(".checkpoint.npz.*.tmp"))) == 1  # what the killed writer left
     ref_w, _ = _reference(tmp_path, 2, RUN)
     _ok(mpirun(2, [*flags, "--resume", "--save-weights", str(w)]))
     _same_weights(w, ref_w)
+    assert [p.name for p in ck.iterdir()] == ["checkpoint.npz"]  # the next save cleared it
 
 
 # --- cnn.train, HOGWILD and k-fold ---------------------------------------------------------
