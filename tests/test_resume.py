@@ -331,7 +331,8 @@ def test_async_resume_applies_every_batch_once(tmp_path, who):
     ref_df = pd.read_pickle(ref)
     ck, m = tmp_path / "ck", tmp_path / "m.pkl"
     first, second = tmp_path / "first", tmp_path / "second"
-    stop_at = 9 if who == 0 else 4  # the server counts messages, a worker its steps
+    # in epoch 2 (7 global steps per epoch): the server counts messages, a worker its steps
+    stop_at = 20 if who == 0 else 9
     _ok(_traced(tmp_path, first, [*ASYNC, "--checkpoint-dir", str(ck), "--checkpoint-every",
                                   "3", "--inject-failure", f"{who}:{stop_at}:signal"]),
         EXIT_REQUEUE)
@@ -339,7 +340,7 @@ def test_async_resume_applies_every_batch_once(tmp_path, who):
     counts = arrays["async/worker_steps"].tolist()
     steps = 7  # ceil(200 / 32) global steps per epoch, each one message from each worker
     assert sum(counts) == meta["messages"] and meta["global_step"] == meta["messages"] // 2
-    assert 0 < meta["global_step"] < 3 * steps
+    assert steps <= meta["global_step"] < 3 * steps
     _ok(_traced(tmp_path, second, [*ASYNC, "--checkpoint-dir", str(ck), "--resume",
                                    "--save-metrics", str(m)]))
     want = _expected_batches(2)
@@ -360,6 +361,14 @@ def test_async_resume_applies_every_batch_once(tmp_path, who):
     # uninterrupted); the run as a whole trains on every sample of every epoch
     assert got["samples"].iloc[-1] == ref_df["samples"].iloc[-1] == 3 * 200
     assert np.isfinite(got["train_loss"]).all()
+    assert np.isnan(got["step_ms_median"].iloc[0])  # epoch 1 ran before the stop: no times
+    assert (got["step_ms_median"].iloc[1:] > 0).all()
+    # resuming a finished run trains nothing and gives the same frame
+    again = tmp_path / "again.pkl"
+    _ok(mpirun(3, [*ASYNC, "--checkpoint-dir", str(ck), "--resume", "--save-metrics",
+                   str(again)]))
+    cols = ["epoch", "step", "samples", "train_loss", "test_acc", "staleness_mean"]
+    pd.testing.assert_frame_equal(pd.read_pickle(again)[cols], got[cols])
 
 
 # --- signals from outside, kills ---------------------------------------------------------
@@ -574,6 +583,9 @@ def test_hogwild_resume_with_one_worker_is_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(params, ref_params)
     cols = ["epoch", "step", "samples", "train_loss", "test_loss", "test_acc", "updates"]
     pd.testing.assert_frame_equal(got[cols], ref[cols])
+    again, params = run_hogwild(resumed, log=None, return_params=True)  # finished: no workers
+    pd.testing.assert_frame_equal(again.drop(columns="timestamp"), got.drop(columns="timestamp"))
+    np.testing.assert_array_equal(params, ref_params)
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"cnn_hogwild_{proc.pid}_")]
 
 

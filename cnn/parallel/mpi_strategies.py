@@ -584,7 +584,8 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
         fields = run.row_fields("async-param-server", train_ranks=W)
         seen = 0
         for e, (st, (tl, ta)) in enumerate(zip(ep_stats, results, strict=True)):
-            times = [t for (ep, t, _) in flat if ep == e] or [math.nan, math.nan]
+            # none for an epoch trained before a resume (the workers' logs are not saved)
+            times = [t for (ep, t, _) in flat if ep == e]
             comm_per_worker = [max([c for (ep, _, c) in wl if ep <= e], default=0.0)
                                for ranks in logs for wl in ranks]
             stale = st["stale"] or [0]
@@ -593,7 +594,7 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
             rows.append(make_row(
                 epoch=e + 1, step=st["step"], batch_size=global_batch, epochs=e + 1,
                 samples=seen, wall_s=st["wall"],
-                **step_stats(times, warmup=min(1, len(times) - 1)),
+                **(step_stats(times, warmup=min(1, len(times) - 1)) if times else {}),
                 samples_per_s=st["samples"] / max(st["wall"] - prev_wall, 1e-12),
                 comm_s=float(np.mean(comm_per_worker)) if comm_per_worker else 0.0,
                 train_loss=st["loss"], final_loss=st["loss"], test_loss=tl, test_acc=ta,
