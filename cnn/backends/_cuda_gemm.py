@@ -49,10 +49,18 @@ THREADS = 256  # threads per GEMM block: (BM / RM) * (BN / RN)
 #: (BM, BN) tile shapes, 256 threads each: square for wide M, flat for M <= 32
 #: (first-layer convolutions, input-channel gradients) so fewer rows idle.
 TILES = ((64, 64), (32, 128))
-#: Launch bounds of the GEMM kernels: 256 threads, at least this many blocks per SM.
-#: 3 caps registers at 80 per thread (37.5% occupancy instead of 25% at 96-132
-#: registers) without spills; see ``cnn.backends.cuda_compile`` for the table.
-MIN_BLOCKS_PER_SM = 3
+#: Minimum resident blocks per SM asked of the compiler (launch bounds, 256 threads),
+#: which caps registers per thread: 4 -> 64 (50% occupancy), 3 -> 80 (37.5%),
+#: 2 -> 128 (25%). Each is the highest that compiles for sm_90 without spills
+#: (``python -m cnn.backends.cuda_compile``): float32 conv_dx needs 120 registers
+#: (80 spill 96 bytes); float64 kernels need 103-126 (checks only, not timed).
+MIN_BLOCKS_PER_SM = {("gemm", "float32"): 4, ("conv_fwd", "float32"): 3,
+                     ("conv_dw", "float32"): 3, ("conv_dx", "float32"): 2}
+
+
+def launch_bounds(name: str, dtype) -> tuple[int, int]:
+    """``(threads per block, min blocks per SM)`` for GEMM kernel ``name``."""
+    return THREADS, MIN_BLOCKS_PER_SM.get((name, np.dtype(dtype).name), 2)
 
 
 def pick_tile(m: int) -> tuple[int, int]:

@@ -213,7 +213,7 @@ def specs(dtype) -> list[KernelSpec]:
     for bm, bn in G.TILES:
         fns = G.gemm_functions(dtype, bm, bn)
         out += [KernelSpec(f"{name}/{bm}x{bn}", getattr(fns, name), gemm_sigs[name],
-                           (G.THREADS, G.MIN_BLOCKS_PER_SM), dtype.name)
+                           G.launch_bounds(name, dtype), dtype.name)
                 for name in GEMM_NAMES]
     pw_sigs = pointwise_signatures(dtype)
     fns = pointwise_functions(dtype)
@@ -235,7 +235,7 @@ def gemm_kernels(dtype, bm: int, bn: int) -> SimpleNamespace:
     dtype = np.dtype(dtype)
     fns, sigs = G.gemm_functions(dtype, bm, bn), G.signatures(dtype)
     built = {name: _jit(KernelSpec(f"{name}/{bm}x{bn}", getattr(fns, name), sigs[name],
-                                   (G.THREADS, G.MIN_BLOCKS_PER_SM), dtype.name))
+                                   G.launch_bounds(name, dtype), dtype.name))
              for name in GEMM_NAMES}
     return SimpleNamespace(**built, bm=bm, bn=bn, block=fns.block,
                            signatures={n: sigs[n] for n in GEMM_NAMES})
