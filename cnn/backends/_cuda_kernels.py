@@ -30,7 +30,7 @@ from cnn.backends import _cuda_gemm as G
 
 THREADS_1D = 256  # block size of the elementwise kernels and of the loss kernel
 GEMM_NAMES = ("gemm", "conv_fwd", "conv_dw", "conv_dx")
-POINTWISE_NAMES = ("fill", "relu_fwd", "relu_bwd", "sigmoid_fwd", "sigmoid_bwd",
+POINTWISE_NAMES = ("relu_fwd", "relu_bwd", "sigmoid_fwd", "sigmoid_bwd",
                    "maxpool_fwd", "maxpool_bwd", "softmax_xent", "sgd", "adam")
 
 
@@ -53,7 +53,6 @@ def pointwise_signatures(dtype) -> dict[str, tuple]:
     u8_4 = types.uint8[:, :, :, ::1]
     i, b = types.int64, types.boolean
     return {
-        "fill": (f1, f),
         "relu_fwd": (f1, f1),
         "relu_bwd": (f1, f1, f1),
         "sigmoid_fwd": (f1, f1),
@@ -73,10 +72,6 @@ def pointwise_functions(dtype) -> SimpleNamespace:
     cast = np.dtype(dtype).type  # a typed cast inside kernels and in the simulator alike
     zero = cast(0)
     one = cast(1)
-
-    def fill(a, value):
-        for e in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-            a[e] = value
 
     def relu_fwd(x, y):
         for e in range(cuda.grid(1), x.size, cuda.gridsize(1)):
@@ -188,7 +183,7 @@ def pointwise_functions(dtype) -> SimpleNamespace:
             v[e] = v1
             p[e] -= lr_bc1 * (m1 / (math.sqrt(v1) / sqrt_bc2 + eps))
 
-    return SimpleNamespace(fill=fill, relu_fwd=relu_fwd, relu_bwd=relu_bwd,
+    return SimpleNamespace(relu_fwd=relu_fwd, relu_bwd=relu_bwd,
                            sigmoid_fwd=sigmoid_fwd, sigmoid_bwd=sigmoid_bwd,
                            maxpool_fwd=maxpool_fwd, maxpool_bwd=maxpool_bwd,
                            softmax_xent=softmax_xent, sgd=sgd, adam=adam)

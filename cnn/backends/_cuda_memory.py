@@ -61,6 +61,7 @@ class _Block:
     base: int  # ... when nothing handed out refers to it
     free_event: Any = None  # ordered pools: compute-stream event after its last user
     free_seq: int = 0  # when free_event was recorded (older first)
+    used: bool = False  # handed out at least once
 
     def in_use(self) -> bool:
         return self.refs() > self.base
@@ -79,9 +80,10 @@ class PoolStats:
 class DevicePool:
     """Device arrays served from blocks kept per size (see the module doc)."""
 
-    def __init__(self, name: str = "arrays", ordered: bool = False):
+    def __init__(self, name: str = "arrays", ordered: bool = False, depth: int = 2):
         self.name = name
         self.ordered = ordered
+        self.depth = depth if ordered else 1  # blocks made per new size
         self.simulator = bool(config.ENABLE_CUDASIM)
         self.blocks: dict[int, list[_Block]] = {}
         self.stats_ = PoolStats()
@@ -131,25 +133,34 @@ class DevicePool:
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         block = self._free_block(size, compute_stream)
         if block is None:
+            first = size not in self.blocks
             block = self._new_block(size, shape, dtype, batch_size)
+            for _ in range(self.depth - 1 if first else 0):  # spares to alternate with
+                self._new_block(size, shape, dtype, batch_size)
         else:
             self.stats_.reuses += 1
+        block.used = True
         return self._hand_out(block, nbytes, shape, dtype), block
 
     def _free_block(self, size: int, compute_stream: Any) -> _Block | None:
         candidates = [b for b in self.blocks.get(size, ()) if not b.in_use()]
-        if not candidates:
-            return None
         if not self.ordered:
-            return candidates[0]
+            return candidates[0] if candidates else None
+        # ordered: a never-used block first, then one whose event is from an earlier call
+        # (the kernels before it have most likely run), the oldest first
+        self._seq += 1
+        fresh = [b for b in candidates if not b.used]
+        if fresh:
+            return fresh[0]
+        aged = [b for b in candidates if b.free_event is not None]
         for b in candidates:  # first seen free now: mark the compute stream here
             if b.free_event is None:
                 b.free_event = new_event()
                 b.free_event.record(compute_stream)
-                self._seq += 1
                 b.free_seq = self._seq
-        block = min(candidates, key=lambda b: b.free_seq)
-        return block
+        if aged:
+            return min(aged, key=lambda b: b.free_seq)
+        return min(candidates, key=lambda b: b.free_seq) if candidates else None
 
     def _hand_out(self, block: _Block, nbytes: int, shape, dtype) -> Any:
         if self.simulator:
@@ -333,7 +344,10 @@ class DeviceLoss:
 
     def ready(self) -> bool:
         """Whether ``float()`` would return at once."""
-        return self._value is not None or self._event is None or self._event.query()
+        if self._value is not None or self._event is None:
+            return True
+        query = getattr(self._event, "query", None)  # the simulator's events have none
+        return True if query is None else bool(query())
 
     def __repr__(self) -> str:
         return f"DeviceLoss({float(self):.6g})"

@@ -34,9 +34,11 @@ Numba's CUDA simulator (correct, and very slow: for tests on tiny shapes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numba
@@ -170,7 +172,7 @@ def release_memory() -> int:
     """Give every cached, unused device block back to the GPU (between benchmark
     configurations); returns the bytes freed. Peak counters restart."""
     synchronize()
-    freed = _pool.trim() + _uploads.trim()
+    freed = _pool.trim() + _uploads.trim() + _fixed.trim()
     for pool in (_pool, _uploads, _fixed):
         pool.reset_peak()
     return freed
@@ -232,8 +234,11 @@ def prefetch(a) -> None:
 
 
 def zeros(n: int, dtype):
+    """A zeroed device vector (made when a Network or optimiser is set up, not per step:
+    one copy of host zeros, which the simulator does fast too)."""
     a = _empty((int(n),), dtype)
-    _launch(_pw(dtype), "fill", _blocks(a.size), K.THREADS_1D, a, np.dtype(dtype).type(0))
+    a.copy_to_device(np.zeros(a.shape, a.dtype), stream=stream())
+    stream().synchronize()  # the host zeros are a temporary
     return a
 
 
@@ -318,12 +323,29 @@ def _check_types(kernels, name: str, args) -> None:
                         f"{len(want)}: " + "; ".join(bad))
 
 
+_dry: list[bool] = []
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Inside, kernels are counted (and type-checked in the simulator) but not run;
+    memory, uploads and downloads work as usual. For bookkeeping checks at full size
+    (launches and allocations per step) where running the kernels would take the
+    simulator hours; the numbers computed inside are garbage."""
+    _dry.append(True)
+    try:
+        yield
+    finally:
+        _dry.pop()
+
+
 def _launch(kernels, name: str, grid, block, *args) -> None:
     """Every kernel goes through here: counted, type-checked in the simulator."""
     if SIMULATOR:
         _check_types(kernels, name, args)
     _count["launches"] += 1
-    getattr(kernels, name)[grid, block, stream()](*args)
+    if not _dry:
+        getattr(kernels, name)[grid, block, stream()](*args)
 
 
 _sms: list[int] = []
