@@ -12,27 +12,15 @@ under ``scripts/gpu_check.sh --simulate``.
 from __future__ import annotations
 
 import gc
-import os
 
 import numpy as np
 import pytest
-from test_numba_cuda import SIM, assert_close, batch, need_gpu, sim_only, tiny_nets
+from test_numba_cuda import assert_close, batch, gpu_scale, sim_only, tiny_nets
 
 #: Kernel launches per SGD step of the seed CNN (forward 7, loss 1, backward 10, update 1).
 LAUNCHES_PER_STEP = 19
 UPLOADS_PER_STEP = 2  # the batch and its labels
 FLAT_KEYS = ("allocations", "blocks", "held_bytes", "in_use_bytes")
-
-
-def gpu_scale() -> str:
-    """"full" on a real GPU; "tiny" in the simulator under ``gpu_check.sh --simulate``."""
-    if SIM:
-        if os.environ.get("CNN_GPU_CHECK_SIMULATE") != "1":
-            pytest.skip("a GPU test: in the simulator only under scripts/gpu_check.sh "
-                        "--simulate")
-        return "tiny"
-    need_gpu()
-    return "full"
 
 
 def run_steps(net, opt, x, y, steps: int) -> list[dict[str, int]]:

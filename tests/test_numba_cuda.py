@@ -108,6 +108,18 @@ def need_gpu() -> None:
         pytest.skip(f"no usable CUDA GPU: {status}")
 
 
+def gpu_scale() -> str:
+    """"full" on a real GPU; "tiny" in the simulator under ``scripts/gpu_check.sh
+    --simulate`` (the same checks at sizes the simulator finishes); else a skip."""
+    if SIM:
+        if os.environ.get("CNN_GPU_CHECK_SIMULATE") != "1":
+            pytest.skip("a GPU test: in the simulator only under scripts/gpu_check.sh "
+                        "--simulate")
+        return "tiny"
+    need_gpu()
+    return "full"
+
+
 @pytest.mark.skipif(SIM, reason="needs a process without the simulator")
 def test_without_gpu_get_backend_says_what_to_do():
     if gpu_status() == "ok":
@@ -461,13 +473,16 @@ def test_sim_optimizer_steps_and_state():
 @pytest.mark.gpu
 def test_gpu_seed_cnn_full_size():
     """The seed CNN at its real size (3x32x32, batch 128): logits, loss and every gradient."""
-    need_gpu()
+    size = gpu_scale()
     from cnn import models
 
-    ref, net = (models.seed_cnn((3, 32, 32), backend=b, seed=0) for b in ("numpy", "cuda"))
+    shape, n, kw = ((3, 32, 32), 128, {}) if size == "full" else \
+        ((3, 8, 8), 4, dict(filters=(4, 5), hidden=6, padding=1))
+    ref, net = (models.seed_cnn(shape, backend=b, seed=0, **kw) for b in ("numpy", "cuda"))
     rng = np.random.default_rng(0)
-    x, y = rand(rng, (128, 3, 32, 32)), rng.integers(0, 10, size=128)
-    assert net.backend.device_name() not in ("cpu", "cuda-simulator")
+    x, y = rand(rng, (n, *shape)), rng.integers(0, 10, size=n)
+    if size == "full":
+        assert net.backend.device_name() not in ("cpu", "cuda-simulator")
     assert_close(net.forward(x), ref.forward(x), what="logits")
     assert net.loss_and_grad(x, y) == pytest.approx(ref.loss_and_grad(x, y), rel=REL)
     assert_grads_close(net, ref, "seed_cnn")
@@ -475,19 +490,30 @@ def test_gpu_seed_cnn_full_size():
 
 @pytest.mark.gpu
 def test_gpu_digits_training_matches_numpy():
-    """A short SGD run on digits: the cuda backend reaches the NumPy backend's accuracy."""
-    need_gpu()
+    """A short SGD run on digits (cnn.train.fit): the cuda backend reaches the NumPy
+    backend's accuracy (tiny: two steps, the same weights)."""
+    size = gpu_scale()
     from cnn import data, models
     from cnn.optim import SGD
     from cnn.train import fit
 
     train, test = data.load("digits", "train"), data.load("digits", "test")
-    acc = {}
+    epochs, bs, kw = 3, 64, {}
+    if size == "tiny":  # two steps of a narrow net: the simulator runs every thread in Python
+        train, test, epochs, bs = (train[0][:32], train[1][:32]), \
+            (test[0][:16], test[1][:16]), 1, 16
+        kw = dict(filters=(4, 5), hidden=8)
+    acc, nets = {}, {}
     for backend in ("numpy", "cuda"):
-        net = models.seed_cnn((1, 8, 8), num_classes=10, padding=1, backend=backend, seed=0)
+        net = models.seed_cnn((1, 8, 8), num_classes=10, padding=1, backend=backend, seed=0,
+                              **kw)
         opt = SGD(net, lr=0.05, momentum=0.9)
-        rows = fit(net, train, test, epochs=3, batch_size=64, optimizer=opt, seed=0,
+        rows = fit(net, train, test, epochs=epochs, batch_size=bs, optimizer=opt, seed=0,
                    log=None, progress=False)
-        acc[backend] = float(rows["test_acc"].iloc[-1])
+        acc[backend], nets[backend] = float(rows["test_acc"].iloc[-1]), net
+    if size == "tiny":
+        for key, want in nets["numpy"].state_dict().items():
+            assert_close(nets["cuda"].state_dict()[key], want, rel=1e-3, what=key)
+        return
     assert acc["numpy"] > 0.9
     assert abs(acc["cuda"] - acc["numpy"]) <= 0.02, acc

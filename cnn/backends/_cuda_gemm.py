@@ -176,10 +176,14 @@ def gemm_functions(dtype, bm: int, bn: int) -> SimpleNamespace:
             return zero
         return pixel(a, img, ch, oy, ox)
 
-    if config.ENABLE_CUDASIM:  # the simulator has no cache-hinted loads
+    if config.ENABLE_CUDASIM:  # the simulator has no cache-hinted loads (nor caches)
         @cuda.jit(device=True)
         def load_l2(ws, z, m, n):
             return ws[z, m, n]
+    elif not hasattr(cuda, "ldcg"):  # an older numba-cuda: an atomic read also skips L1
+        @cuda.jit(device=True)
+        def load_l2(ws, z, m, n):
+            return cuda.atomic.add(ws, (z, m, n), zero)
     else:
         @cuda.jit(device=True)
         def load_l2(ws, z, m, n):

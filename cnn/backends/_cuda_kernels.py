@@ -16,6 +16,7 @@ would promote it to float64).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ import numpy as np
 from numba import config, cuda, types
 
 from cnn.backends import _cuda_gemm as G
+
+# The GEMM tile constants, also read from here (the notebook's kernel table).
+PAD, RM, RN, TILES, TK = G.PAD, G.RM, G.RN, G.TILES, G.TK
 
 THREADS_1D = 256  # block size of the elementwise kernels and of the loss kernel
 GEMM_NAMES = ("gemm", "conv_fwd", "conv_dw", "conv_dx")
@@ -217,11 +221,21 @@ def specs(dtype) -> list[KernelSpec]:
     return out
 
 
+def jit_options(launch_bounds: tuple[int, int] | None) -> dict[str, Any]:
+    """``cuda.jit`` keywords for a register cap: ``launch_bounds`` where numba-cuda has
+    it, else the same cap as ``max_registers`` (older numba-cuda)."""
+    if not launch_bounds:
+        return {}
+    if "launch_bounds" in inspect.signature(cuda.jit).parameters:
+        return {"launch_bounds": launch_bounds}
+    threads, blocks = launch_bounds
+    return {"max_registers": 65536 // (threads * blocks) // 8 * 8}
+
+
 def _jit(spec: KernelSpec):
     if config.ENABLE_CUDASIM:  # the simulator runs the Python function; no signatures
         return cuda.jit(spec.pyfunc)
-    kw = {"launch_bounds": spec.launch_bounds} if spec.launch_bounds else {}
-    return cuda.jit([spec.signature], **kw)(spec.pyfunc)
+    return cuda.jit([spec.signature], **jit_options(spec.launch_bounds))(spec.pyfunc)
 
 
 @functools.cache

@@ -89,8 +89,9 @@ def _device_compile(spec: Any) -> tuple[str, dict[str, int]]:
     """PTX and resources of the kernel as loaded on this machine's GPU (what runs)."""
     from numba import cuda
 
-    kw = {"launch_bounds": spec.launch_bounds} if spec.launch_bounds else {}
-    kernel = cuda.jit([spec.signature], **kw)(spec.pyfunc)
+    from cnn.backends import _cuda_kernels as K
+
+    kernel = cuda.jit([spec.signature], **K.jit_options(spec.launch_bounds))(spec.pyfunc)
     sig = spec.signature
     local = int(kernel.get_local_mem_per_thread(sig))
     return kernel.inspect_asm(sig), {
@@ -161,13 +162,78 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def environment() -> dict[str, Any]:
+    """What the cuda backend runs on here: versions, toolchain, device, and whether the
+    backend's probe kernel compiles and runs (``available``: "ok" or the reason)."""
+    import platform
+    from importlib import metadata
+
+    import numba
+    from numba import config, cuda
+
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a report: say what failed, go on
+            return f"unknown ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+
+    def dist(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info: dict[str, Any] = {"python": platform.python_version(), "numba": numba.__version__,
+                            "numba-cuda": dist("numba-cuda"), "numpy": dist("numpy"),
+                            "torch": dist("torch"), "simulator": bool(config.ENABLE_CUDASIM)}
+    if not config.ENABLE_CUDASIM:
+        from numba.cuda.cudadrv import nvvm
+
+        info["nvvm"] = attempt(lambda: ".".join(map(str, nvvm.NVVM().get_version())))
+        info["cuda_available"] = attempt(cuda.is_available)
+        if info["cuda_available"] is True:
+            dev = cuda.get_current_device()
+            info["device"] = attempt(lambda: dev.name.decode() if isinstance(dev.name, bytes)
+                                     else str(dev.name))
+            info["compute_capability"] = attempt(lambda: ".".join(map(str,
+                                                                      dev.compute_capability)))
+            info["multiprocessors"] = attempt(lambda: int(dev.MULTIPROCESSOR_COUNT))
+            info["driver"] = attempt(lambda: ".".join(map(str, cuda.cudadrv.driver.driver
+                                                          .get_version())))
+            info["runtime"] = attempt(lambda: ".".join(map(str, cuda.runtime.get_version())))
+            free_total = attempt(cuda.current_context().get_memory_info)
+            if isinstance(free_total, tuple):
+                info["memory_free_gib"] = round(free_total[0] / 2 ** 30, 1)
+                info["memory_total_gib"] = round(free_total[1] / 2 ** 30, 1)
+    from cnn.backends import available_backends
+
+    info["available"] = available_backends()["cuda"]
+    if info["torch"]:
+        def torch_cuda():
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA in this torch"
+            return (f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                    f"{torch.cuda.get_device_name()}")
+        info["torch_cuda"] = attempt(torch_cuda)
+    return info
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn.backends.cuda_compile",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 (H100/H200)")
     p.add_argument("--dtypes", default="float32,float64")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--env", action="store_true",
+                   help="only describe the environment (exit 1 when the backend cannot run)")
     args = p.parse_args(argv)
+    if args.env:
+        info = environment()
+        for key, value in info.items():
+            print(f"{key:>18}: {value}")
+        return 0 if info["available"] == "ok" else 1
     try:
         cc = tuple(int(v) for v in args.cc.split("."))
         if len(cc) != 2:

@@ -435,9 +435,9 @@ def _conv_forward(x, w, b, stride: int, padding: int, relu: bool):
     return y, (x, stride, padding)
 
 
-def conv2d_forward(x, w, b, stride: int, padding: int):
-    """Implicit-GEMM convolution + bias."""
-    return _conv_forward(x, w, b, stride, padding, False)
+def conv2d_forward(x, w, b, stride: int, padding: int, relu: bool = False):
+    """Implicit-GEMM convolution + bias (``relu=True``: as ``conv2d_relu_forward``)."""
+    return _conv_forward(x, w, b, stride, padding, relu)
 
 
 def conv2d_relu_forward(x, w, b, stride: int, padding: int):
