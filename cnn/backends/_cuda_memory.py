@@ -176,6 +176,10 @@ class DevicePool:
             return root, lambda: sys.getrefcount(root)
         root = cuda.device_array(size, np.uint8)
         mem = root.gpu_data.owner  # Numba counts the views of the allocation on it
+        if not isinstance(getattr(mem, "refct", None), int):
+            raise RuntimeError(f"the cuda backend's memory pool needs numba-cuda's view count "
+                               f"on allocations (MemoryPointer.refct); {type(mem).__name__} "
+                               "has none: use numba-cuda >= 0.20 (pip install -e '.[cuda]')")
         return root, lambda: mem.refct
 
     def _new_block(self, size: int, shape, dtype, batch_size: int | None) -> _Block:
