@@ -85,18 +85,18 @@ def nvjitlink_resources(ptx: str, cc: tuple[int, int]) -> dict[str, int]:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
-def _device_compile(spec: Any) -> tuple[str, dict[str, int]]:
+def _device_compile(spec: Any, cc: tuple[int, int]) -> tuple[str, dict[str, int]]:
     """PTX and resources of the kernel as loaded on this machine's GPU (what runs)."""
     from numba import cuda
 
     from cnn.backends import _cuda_kernels as K
 
     kernel = cuda.jit([spec.signature], **K.jit_options(spec.launch_bounds))(spec.pyfunc)
-    sig = spec.signature
-    local = int(kernel.get_local_mem_per_thread(sig))
-    return kernel.inspect_asm(sig), {
-        "registers": int(kernel.get_regs_per_thread(sig)),
-        "shared_bytes": int(kernel.get_shared_mem_per_block(sig)),
+    (compiled,) = kernel.overloads.values()  # the one signature
+    local = int(compiled.local_mem_per_thread)
+    return compiled.inspect_asm(cc), {
+        "registers": int(compiled.regs_per_thread),
+        "shared_bytes": int(compiled.shared_mem_per_block),
         "stack_bytes": local, "spill_stores": local, "spill_loads": local}
 
 
@@ -115,7 +115,7 @@ def compile_report(cc: tuple[int, int] = (9, 0),
         for spec in specs:
             try:
                 if real_gpu:
-                    ptx, res = _device_compile(spec)
+                    ptx, res = _device_compile(spec, cc)
                 else:
                     ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc,
                                               launch_bounds=spec.launch_bounds)
