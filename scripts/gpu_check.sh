@@ -11,7 +11,8 @@
 #   2. compile  every float32 kernel compiled for sm_90: registers, shared memory, spills
 #   3. tests    pytest -m gpu: full-size equivalence with NumPy, 200 steps with device memory
 #               flat, prefetched uploads bitwise equal, a short digits training run
-#   4. bench    benchmarks/bench_gpu.py --grid gpu-quick -> $OUT/bench_gpu.pkl (or --out)
+#   4. bench    benchmarks/bench_gpu.py --grid gpu-quick -> $OUT/bench_gpu.pkl (or --out;
+#               without either results/bench_gpu.pkl, or under $TMPDIR with --simulate)
 # then one summary table. Logs go next to the benchmark file. Exit status 0 when every
 # stage passed. Nothing is installed and nothing is fetched: the project runs from this
 # source tree (PYTHONPATH=.) on the machine's own python3 and packages.
@@ -26,13 +27,14 @@ while (($#)); do
         --simulate) simulate=1 ;;
         --out) bench_out=${2:?--out needs a path}; shift ;;
         --python) python=${2:?--python needs an interpreter}; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
-out_dir=${OUT:-results}
+# simulator rows are a wiring check: they never land in results/ unless asked to
+if ((simulate)); then out_dir=${OUT:-${TMPDIR:-/tmp}/gpu_check_simulate}; else out_dir=${OUT:-results}; fi
 [[ -n "$bench_out" ]] || bench_out="$out_dir/bench_gpu.pkl"
 log_dir=$(dirname "$bench_out")/gpu_check_logs
 mkdir -p "$log_dir" || { echo "gpu_check.sh: cannot create $log_dir" >&2; exit 2; }

@@ -143,6 +143,25 @@ def test_without_gpu_get_backend_says_what_to_do():
     assert "STATUS backend 'cuda' needs an NVIDIA GPU" in proc.stdout
 
 
+def test_without_numba_cuda_the_backend_says_so():
+    """numba's built-in (deprecated) numba.cuda is no fallback: the probe names the
+    missing package in one line (here numba-cuda is hidden from the import system)."""
+    proc = python("""
+        import sys, warnings
+        warnings.simplefilter("ignore")
+        sys.modules["numba_cuda"] = None  # as if the cuda extra were not installed
+        from cnn.backends import get_backend
+        from cnn.errors import BackendUnavailable
+        try:
+            get_backend("cuda")
+        except BackendUnavailable as exc:
+            print("MESSAGE", exc)
+    """, sim=True)
+    message = proc.stdout.partition("MESSAGE ")[2].strip()
+    assert message and "\n" not in message, proc.stdout + proc.stderr[-2000:]
+    assert "needs the numba-cuda package" in message and "[cuda]" in message
+
+
 # --- helpers for the checks -----------------------------------------------------------------
 
 def assert_close(got, want, rel=REL, what=""):
