@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--numpy-repeats", type=int, default=None)
     p.add_argument("--no-torch", action="store_true", help="skip the torch+cuDNN columns")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="exit with status 1 (before timing anything) when the cuda backend "
+                        "cannot run here")
     p.add_argument("--experiment", default="bench_gpu")
     p.add_argument("--out", default=None, help="default results/<experiment>.pkl")
     p.add_argument("--seed", type=int, default=0)
@@ -360,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name, why in (("cuda", cuda_status), ("torch on the GPU", t_status)):
         if why != "ok":
             print(f"skip {name}: {why}", flush=True)
+    if args.require_cuda and cuda_status != "ok":
+        raise SystemExit(f"bench_gpu: --require-cuda, and the cuda backend cannot run: "
+                         f"{cuda_status}")
     rows: list[dict[str, Any]] = []
     for batch in cfg["batch_sizes"]:
         t0 = time.perf_counter()

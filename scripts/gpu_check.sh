@@ -95,7 +95,7 @@ if grep -qE '[0-9]+ skipped' "$log_dir/tests.log" && [[ ${results[-1]} == ok ]];
 fi
 
 stage bench "${limits[3]}" "${sim_env[@]}" "$python" benchmarks/bench_gpu.py --grid "$grid" \
-    --out "$bench_out"
+    --require-cuda --out "$bench_out"
 
 status=0
 printf '\n=== summary (%s, %ss in all)\n' "$mode" "$((SECONDS - start_all))"

@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.env:
         info = environment()
+        info["available"] = info.pop("available")  # the verdict last
         for key, value in info.items():
             print(f"{key:>18}: {value}")
         return 0 if info["available"] == "ok" else 1
