@@ -418,6 +418,8 @@ def test_sim_pinned_buffers_and_prefetch():
         got.append(C.from_host(buf))  # picks up the prefetched upload
     for dev, want in zip(got, batches, strict=True):
         np.testing.assert_array_equal(C.to_host(dev), want)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        C.prefetch(np.zeros((4, 4), np.float32)[:, ::2])
 
 
 @sim_only

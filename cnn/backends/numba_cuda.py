@@ -148,7 +148,7 @@ _uploads = DevicePool("uploads", ordered=True)  # written by the copy stream
 _fixed = DevicePool("fixed")  # tap tables and split counters, kept for the process
 _staging = PinnedStaging()
 _loss_slots = LossSlots()
-_prefetched: dict[tuple, Any] = {}
+_prefetched: dict[int, tuple[np.ndarray, Any]] = {}
 _count = {"launches": 0, "uploads": 0, "batch": 0}
 
 
@@ -212,10 +212,6 @@ def _upload(a: np.ndarray):
     return dev
 
 
-def _prefetch_key(a: np.ndarray) -> tuple:
-    return (a.ctypes.data, a.shape, a.dtype.str)
-
-
 def host_buffer(shape, dtype=np.float32) -> np.ndarray:
     """A page-locked host array to load the next batch into (``np.take(..., out=buf)``);
     ``from_host(buf)`` (or a Network given ``buf``) then uploads it without a copy. The
@@ -224,13 +220,16 @@ def host_buffer(shape, dtype=np.float32) -> np.ndarray:
     return _staging.buffer(tuple(int(s) for s in shape), dtype)
 
 
-def prefetch(a) -> None:
+def prefetch(a: np.ndarray) -> None:
     """Start uploading ``a`` now (on the copy stream, overlapping queued kernels); the
-    next ``from_host(a)`` returns that upload. ``a`` must not change in between."""
-    a = np.ascontiguousarray(a)
+    next ``from_host`` of this same array object returns that upload. ``a`` must be
+    C-contiguous (a :func:`host_buffer` is) and must not change in between."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+        raise ValueError("prefetch needs a C-contiguous NumPy array (e.g. from host_buffer), "
+                         f"got {type(a).__name__}")
     if len(_prefetched) >= 8:  # never picked up: drop the oldest
         _prefetched.pop(next(iter(_prefetched)))
-    _prefetched[_prefetch_key(a)] = _upload(a)
+    _prefetched[id(a)] = (a, _upload(a))  # holding ``a`` keeps its id from being reused
 
 
 def zeros(n: int, dtype):
@@ -248,8 +247,11 @@ def from_host(a):
     if _on_device(a):
         return a
     a = np.ascontiguousarray(a)
-    early = _prefetched.pop(_prefetch_key(a), None)
-    return early if early is not None else _upload(a)
+    early = _prefetched.get(id(a))
+    if early is not None and early[0] is a:
+        del _prefetched[id(a)]
+        return early[1]
+    return _upload(a)
 
 
 def to_host(a) -> np.ndarray:
