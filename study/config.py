@@ -78,6 +78,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      engines=(1, 2, 4, 8), trials=5, work=((6000, 1), (20000, 1), (None, 3)),
                      batch_size=64, backend="numba", cpu_interval=0.5, timeout_s=3600),
     },
+    # notebook 07: the project's strategies against what users would pick instead (torch
+    # DDP, torch's mnist_hogwild scheme, joblib over folds); `epochs`/`subset` for the ddp
+    # and hogwild parts, `kfold_*` for the folds (the kfold family's seed point)
+    "peers": {
+        "quick": dict(dataset="digits", subset=None, test_subset=None, epochs=1, batch_size=64,
+                      workers=(1, 2), trials=1, folds=2, kfold_subset=None, kfold_epochs=1,
+                      backend="numba", cpu_interval=0.25, timeout_s=600),
+        "standard": dict(dataset="fashion-mnist", subset=12000, test_subset=None, epochs=3,
+                         batch_size=64, workers=(1, 2), trials=5, folds=4, kfold_subset=12000,
+                         kfold_epochs=2, backend="numba", cpu_interval=0.5, timeout_s=1800),
+        "full": dict(dataset="fashion-mnist", subset=None, test_subset=None, epochs=5,
+                     batch_size=64, workers=(1, 2, 4, 8), trials=7, folds=8, kfold_subset=None,
+                     kfold_epochs=3, backend="numba", cpu_interval=0.5, timeout_s=3600),
+    },
 }
 
 

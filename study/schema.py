@@ -139,6 +139,9 @@ COLUMNS: dict[str, Column] = {
     # peers
     "peer": _c("str", "what the row is compared with (torch-ddp, joblib-kfold, ...)"),
     "torch_threads": _c("float", "torch.get_num_threads() in the run"),
+    "joblib_version": _c("str", "joblib.__version__ of a joblib row"),
+    "warm_workers": _c("float", "pool processes the untimed warm-up reached (joblib-kfold)"),
+    "pool_startup_s": _c("float", "start of the worker processes inside the run, seconds"),
     "tf32": _c("bool", "whether TF32 tensor cores were allowed (GPU rows)"),
     # k-fold
     "folds": _c("float", "number of folds"),
