@@ -336,17 +336,16 @@ def summary_table(df: pd.DataFrame | None) -> pd.DataFrame:
         r = runs(d, part)
         r = r[pd.to_numeric(r["workers"]) == w]
         tr, e2e = (g[g["measure"] == m].iloc[0] for m in MEASURES)
-        row: dict[str, Any] = {"part": part, "workers": int(w)}
-        for who in (mine, peer):
-            s = r[r["strategy"] == who]
+        row: dict[str, Any] = {"part": part, "project": mine, "peer": peer, "workers": int(w)}
+        sides = {"project": r[r["strategy"] == mine], "peer": r[r["strategy"] == peer]}
+        for who, s in sides.items():
             row[f"{who} samples/s"] = analysis.point_text(*analysis.median_ci(s["samples_per_s"]),
                                                           "{:,.0f}")
         row["ratio"] = analysis.point_text(tr["ratio"], tr["ratio_lo"], tr["ratio_hi"], "{:.2f}")
         row["ratio end to end"] = analysis.point_text(e2e["ratio"], e2e["ratio_lo"],
                                                       e2e["ratio_hi"], "{:.2f}")
         row["target"] = f">= {TARGETS[part]:g}"
-        for who in (mine, peer):
-            s = r[r["strategy"] == who]
+        for who, s in sides.items():
             row[f"{who} startup s"] = analysis.point_text(*analysis.median_ci(s["startup_s"]),
                                                           "{:.1f}")
         a = acc[(acc["part"] == part) & (acc["workers"] == w)] if len(acc) else acc
@@ -361,7 +360,8 @@ def summary_table(df: pd.DataFrame | None) -> pd.DataFrame:
         if part == "kfold" and "fold_acc_match" in r:
             got = r[r["strategy"] == "joblib-kfold"]["fold_acc_match"].dropna()
             row["folds identical"] = bool(len(got) and got.astype(bool).all())
-        row["anomaly"] = "; ".join(x for x in (tr["anomaly"], *r["anomaly"].astype(str)) if x)
+        notes = [tr["anomaly"], *r["anomaly"].astype(str)]
+        row["anomaly"] = "; ".join(dict.fromkeys(n for x in notes for n in x.split("; ") if n))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -354,3 +354,33 @@ def test_family_cli_rejects_an_unknown_part(capsys):
     with pytest.raises(SystemExit):
         pe.main(["--scale", "quick", "--parts", "ddp,nope"])
     assert "unknown nope" in capsys.readouterr().err
+
+
+# --- the notebook, end to end at quick scale ----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@needs_torch
+def test_notebook_07_measures_every_pair_at_quick_scale(tmp_path, monkeypatch):
+    from study import notebooks, paths
+
+    monkeypatch.setenv(paths.RESULTS_ENV, str(tmp_path / "results"))
+    monkeypatch.setenv(paths.IMAGES_ENV, str(tmp_path / "images"))
+    monkeypatch.setenv("MPLBACKEND", "agg")
+    src = paths.notebooks_dir() / "07_peers.ipynb"
+    run = notebooks.run_notebook(src, scale="quick", out=tmp_path / "07_peers.ipynb")
+    assert run.status == "ok", notebooks.failure_message(run)
+    df = schema.load_file(tmp_path / "results" / "peers.pkl", strict=True)
+    r = df[df["kind"] == "run"]
+    assert sorted(zip(r["strategy"], r["workers"], strict=True)) == sorted(
+        (s, w) for pair in pe.PAIRS.values() for s in pair for w in (1, 2))
+    assert set(df["scale"]) == {"quick"} and df["session"].nunique() == 1
+    assert (r["samples_per_s"] > 0).all() and (r["startup_s"] > 0).all()
+    torch_rows = r[r["backend"] == "torch"]
+    assert len(torch_rows) == 4 and (torch_rows["torch_threads"] == 1).all()
+    assert torch_rows["torch_version"].notna().all()
+    assert r[r["strategy"] == "joblib-kfold"]["fold_acc_match"].astype(bool).all()
+    same = r.groupby("experiment")["samples"].nunique()
+    assert (same == 1).all(), "project and peer must train on the same samples"
+    assert {p.stem for p in (tmp_path / "images").glob("*.png")} == {"peers_throughput",
+                                                                     "peers_ratio"}
