@@ -5,11 +5,12 @@
     python -m study.peer_runners joblib-kfold --jobs 2 [python -m cnn.parallel.kfold flags]
 
 Each writes ``--save-metrics`` rows like the library's CLIs (`cnn.metrics.make_row`), so
-`study.measure.run_cli` times them in fresh processes with their start-up apart
-(issue 12; docs/DESIGN.md, "Experiments"). All three start from what the project's runs
-start from: the same data (`cnn.data`), the seed CNN's initial weights from ``--seed``
-(the torch runners load them into its twin, `cnn.twin.torch_twin`), the same batch order
-(`cnn.data.iterate_batches`), the same lr schedule (`cnn.train.make_training`) and momentum.
+`study.measure.run_cli` times them in fresh processes with their start-up apart (issue 12;
+docs/DESIGN.md, "How a number flows from a run to the report"). All three start from what
+the project's runs start from: the same data (`cnn.data`), the seed CNN's initial weights
+from ``--seed`` (the torch runners load them into its twin, `cnn.twin.torch_twin`), the same
+batch order (`cnn.data.iterate_batches`), the same lr schedule (`cnn.train.make_training`)
+and momentum.
 
 ``ddp``
     ``torch.nn.parallel.DistributedDataParallel``, gloo backend, ``--workers`` P processes
