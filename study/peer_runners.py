@@ -501,7 +501,7 @@ def joblib_parser() -> argparse.ArgumentParser:
 
 
 def joblib_main(argv: Sequence[str]) -> pd.DataFrame:
-    from joblib import Parallel, __version__, delayed
+    from joblib import Parallel, __version__, delayed, parallel_config
 
     args = joblib_parser().parse_args(list(argv))
     E = int(args.jobs)
@@ -510,7 +510,9 @@ def joblib_main(argv: Sequence[str]) -> pd.DataFrame:
     _, y = cdata.load(args.dataset, "train", data_dir=args.data_dir, subset=args.subset)
     plan = kfold.fold_plan(y, args.folds, seed=args.seed, stratified=not args.no_stratify)
     cfg = fold_config(args, len(y), int(y.max()) + 1)
-    with Parallel(n_jobs=E, backend="loky", timeout=args.timeout) as par:
+    # loky would give each worker cpu_count // n_jobs BLAS/OpenMP threads: one, as the engines
+    with parallel_config(backend="loky", inner_max_num_threads=1), \
+            Parallel(n_jobs=E, timeout=args.timeout) as par:
         pids = par(delayed(kfold.warm_up)(cfg) for _ in range(E))  # untimed: start + JIT
         sampler = kfold.CpuSampler(args.cpu_interval)
         with sampler:

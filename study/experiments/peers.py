@@ -20,8 +20,10 @@ pool at one thread per worker. Every run is a fresh process; project and peer at
 accuracy at equal epochs, and ``startup_s``: everything in the process that is not a
 training step (interpreter, imports, data, process/engine/pool start, warm-up, evaluation).
 The ratio project/peer of the medians comes with its bootstrap CI (`analysis.ratio_ci`), on
-training throughput and end to end (samples / the whole process). The k-fold peer must give
-the per-fold accuracies of the engines bit for bit (``fold_acc_match``).
+training throughput and end to end (samples / the whole process; the project's HOGWILD also
+evaluates a snapshot after every epoch, the mnist_hogwild scheme once at the end, and the
+end-to-end ratio carries that). The k-fold peer must give the per-fold accuracies of the
+engines bit for bit (``fold_acc_match``).
 
 torch is optional (the ``compare`` extra): without it the ddp and hogwild parts are skipped
 with the reason, and their headlines say "not measured" and why.
@@ -215,6 +217,15 @@ def runs(df: pd.DataFrame | None, part: str | None = None) -> pd.DataFrame:
     return r
 
 
+def latest(df: pd.DataFrame | None) -> pd.DataFrame:
+    """Each part's rows of its most recent session (``--parts`` re-runs one part alone, the
+    others keep the session they were measured in)."""
+    if df is None or not len(df):
+        return pd.DataFrame()
+    return pd.concat([analysis.latest_session(g) for _, g in df.groupby("experiment",
+                                                                         sort=False)])
+
+
 def throughput(df: pd.DataFrame | None, part: str, measure: str = "training") -> pd.DataFrame:
     """Samples/s median + CI per strategy and worker count, and the speedup against the best
     one-worker run of the part (project or peer) in the same session."""
@@ -324,9 +335,10 @@ def flag(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(df: pd.DataFrame | None) -> pd.DataFrame:
-    """One line per part and worker count (latest session): throughput of both sides, the
-    ratio project/peer (training and end to end), start-up, accuracy; medians + 95% CIs."""
-    d = analysis.latest_session(df)
+    """One line per part and worker count (each part's latest session): throughput of both
+    sides, the ratio project/peer (training and end to end), start-up, accuracy; medians
+    + 95% CIs."""
+    d = latest(df)
     rat, acc = ratios(d), accuracy(d)
     if not len(rat):
         return pd.DataFrame()
@@ -422,7 +434,7 @@ def headlines(frames: Mapping[str, pd.DataFrame]) -> list[analysis.Headline]:
     """At 2 workers, the seed configuration of each part: throughput ratio project/peer
     (k-fold also end to end) with its CI, and HOGWILD's accuracy minus torch-hogwild's."""
     df = frames.get(RESULTS[0])
-    d = analysis.latest_session(df) if df is not None and len(df) else None
+    d = latest(df) if df is not None and len(df) else None
     scale = str(d["scale"].iloc[0]) if d is not None and len(d) else "standard"
     source = paths.shown(schema.path_of(RESULTS[0], scale))
     rat, acc = ratios(d), accuracy(d)

@@ -3,8 +3,8 @@
 Designed for the report: `throughput` (samples/s vs workers, project and peer side by side
 with 95% CIs, one panel per part) and `ratio` (the ratio project/peer vs workers against
 the targets, and the test-accuracy difference at equal epochs). Every function takes the
-family's frames (`study.experiments.peers.run` or ``load``), draws the latest session,
-returns the figure and saves it unless ``save=False``.
+family's frames (`study.experiments.peers.run` or ``load``), draws each part's latest
+session, returns the figure and saves it unless ``save=False``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import pandas as pd
 
-from study import analysis
 from study.experiments import peers as pe
 from study.figures import style
 
@@ -24,7 +23,7 @@ CI_NOTE = "median of trials with 95% bootstrap CI"
 
 
 def _latest(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    return analysis.latest_session(frames.get(pe.RESULTS[0]))
+    return pe.latest(frames.get(pe.RESULTS[0]))
 
 
 def _why(part: str) -> str:

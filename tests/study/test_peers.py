@@ -200,6 +200,17 @@ def test_headlines_are_the_two_worker_ratios_with_their_targets():
     assert kf.value == pytest.approx(100 / 110) and "no slower" in kf.note and "missed" in kf.note
 
 
+def test_a_part_re_run_alone_keeps_the_other_parts_of_their_own_session():
+    old = frame(pair("ddp", 300.0, 200.0) + pair("kfold", 100.0, 110.0),
+                session="20260101T000000-aaaaaa")
+    new = frame(pair("kfold", 120.0, 100.0), session="20260102T000000-bbbbbb")
+    hs = {h.key: h for h in pe.headlines({"peers": pd.concat([new, old], ignore_index=True)})}
+    assert hs["peers_allreduce_vs_torch_ddp"].value == pytest.approx(1.5)
+    assert hs["peers_allreduce_vs_torch_ddp"].session == "20260101T000000-aaaaaa"
+    assert hs["peers_kfold_vs_joblib"].value == pytest.approx(1.2)
+    assert hs["peers_kfold_vs_joblib"].session == "20260102T000000-bbbbbb"
+
+
 def test_without_torch_the_torch_parts_skip_and_say_why(monkeypatch):
     why = "torch is not installed: " + peer_runners.TORCH_HINT
     monkeypatch.setattr(pe, "torch_missing", lambda: why)
