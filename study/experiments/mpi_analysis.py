@@ -79,8 +79,13 @@ def scaling_points(df: pd.DataFrame, series: Sequence[str] = ("strategy",)) -> p
             "cores (ranks share cores: not a scaling point)" if o else ""
             for p, t, c, o in pts[["processes", "threads", "physical_cores",
                                    "oversubscribed"]].itertuples(index=False)]
-    pts["anomaly"] = ["; ".join(x for x in (a, o) if x) for a, o in zip(
-        pts["anomaly"], over, strict=True)]
+    served = [f"efficiency {e:.2f} > {analysis.SUPERLINEAR} counting training ranks only: "
+              f"rank 0 serves on a core of its own (per process {s / p:.2f})"
+              if name in SERVERS and np.isfinite(e) and e > analysis.SUPERLINEAR else ""
+              for name, e, s, p in pts[["strategy", "efficiency", "speedup", "processes"]]
+              .itertuples(index=False)] if "strategy" in pts else [""] * len(pts)
+    pts["anomaly"] = ["; ".join(x for x in (a, v, o) if x) for a, v, o in zip(
+        pts["anomaly"], served, over, strict=True)]
     return pts
 
 
