@@ -187,10 +187,11 @@ def test_headlines_name_p_workers_and_how_the_server_counts(scaling_df):
     hs = {h.key: h for h in A.headlines({"mpi_scaling": scaling_df})}
     h = hs["mpi_weak_efficiency_allreduce"]
     assert h.value == pytest.approx(0.9) and h.lo < 0.9 < h.hi and h.unit == "%"
-    assert "P = 2 processes" in h.note and "rank 0" in h.note and h.scale == "standard"
+    assert "P = 2 processes" in h.note and h.scale == "standard"
     assert h.config == "weak: test" and h.trials == 5
     ps = hs["mpi_weak_efficiency_param-server"]
     assert ps.extra["processes"] == 2 and ps.extra["workers"] == 1 and "rank 0 serves" in ps.anomaly
+    assert "count P - 1 workers" in ps.note
     assert not hs["mpi_strong_efficiency_allreduce"].measured
     assert not hs["mpi_accuracy_allreduce"].measured
     quick = {h.key: h for h in A.headlines({"mpi_scaling": frame(
@@ -236,6 +237,7 @@ def test_comm_split_known_answer(scaling_df):
     assert ar["comm_ms"] == pytest.approx(20.0) and ar["compute_ms"] == pytest.approx(
         step_ms - 20.0)
     assert ("sequential", 1) in split.index and ("allreduce", 3) not in split.index
+    assert ("allreduce", 1) not in split.index  # a one-process run, not the baseline
 
 
 def test_accuracy_paired_by_seed_known_answer():
@@ -324,15 +326,16 @@ def test_figures_draw_one_series_per_strategy_and_save(scaling_df, tmp_path, mon
     fig = figs.scaling(frames, "quick")
     weak, strong = fig.axes[:2]
     assert series_in(weak) == 3  # sequential, allreduce, param-server (with CIs)
-    assert weak.get_legend() is not None and strong.get_legend() is None
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "ideal", "sequential", "allreduce", "param-server"]
     assert "no strong-scaling rows" in strong.texts[0].get_text()
     assert (tmp_path / "mpi_scaling.png").exists() and (tmp_path / "mpi_scaling.pdf").exists()
     fig = figs.comm_split(frames)
-    # compute + comm bars: the one-process runs (seq, 1-rank allreduce), then the largest
-    # P within the cores of each strategy (allreduce P=2, param-server P=2)
-    assert len(fig.axes[0].patches) == 2 * 4
+    # compute + comm bars: the baseline (sequential), then the largest P within the cores
+    # of each strategy (allreduce P=2, param-server P=2)
+    assert len(fig.axes[0].patches) == 2 * 3
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [
-        "sequential\nP=1", "allreduce\nP=1", "allreduce\nP=2", "param-server\nP=2"]
+        "sequential P=1", "allreduce P=2", "param-server P=2"]
     fig = figs.amortisation(frames, [1, 10, 100])
     assert series_in(fig.axes[0]) == 2  # allreduce and param-server at the largest P
     fig = figs.costmodel_check(frames)

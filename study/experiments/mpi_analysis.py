@@ -189,16 +189,18 @@ def amortisation_table(df: pd.DataFrame, steps: Sequence[int]) -> pd.DataFrame:
 # --- compute and communication ------------------------------------------------------------
 
 def comm_split(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (mode, strategy) at the largest P that fits the cores, and the one-process
-    baseline runs: steady step time (median, CI) and its compute / communication parts."""
+    """Per (mode, strategy) at the largest P that fits the cores, and the mode's baseline
+    (best one-process run): steady step time (median, CI), its compute and communication."""
     df = current(df)
     if not len(df):
         return pd.DataFrame()
     top = largest_fitting(scaling_points(df))
-    keep = df["processes"] == 1
+    keep = pd.Series(False, index=df.index)
     for p in top.itertuples(index=False):
         keep |= ((df["mode"] == p.mode) & (df["strategy"] == p.strategy)
                  & (df["processes"] == p.processes))
+        keep |= (df["mode"] == p.mode) & (df["strategy"] == p.baseline) & (
+            df["processes"] == 1)
     d = df[keep & (df["step"] > 1)].copy()
     d["step_ms"] = d["wall_s"] / (d["step"] - 1) * 1e3
     d["comm_ms"] = d["comm_s"].fillna(0.0) / d["step"] * 1e3
@@ -353,8 +355,10 @@ def scaling_headlines(df: pd.DataFrame | None) -> list[Headline]:
                 continue
             p = hit.iloc[0]
             rows = df[(df["config"] == p["config"]) & (df["session"] == p["session"])]
+            counted = (EFFICIENCY_NOTE if strategy in SERVERS else
+                       "efficiency = speedup / workers (training ranks x threads)")
             note = (f"P = {int(p['processes'])} processes, {int(p['workers'])} worker(s), "
-                    f"against the best one-process run ({p['baseline']}); {EFFICIENCY_NOTE}")
+                    f"against the best one-process run ({p['baseline']}); {counted}")
             h = analysis.headline_from_point(key, label, p, "%", value="efficiency",
                                              source=SOURCE["scaling"], rows=rows, note=note)
             h.extra = {"strategy": strategy, "mode": mode, "processes": int(p["processes"]),

@@ -11,6 +11,7 @@ model's `costmodel_check` and `extrapolation`. Each takes the family's frames (a
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from study.figures import style
 
 def _finish(fig: Any, name: str, scale: str | None, rows: pd.DataFrame | None,
             note: str = "") -> Any:
+    note = "\n".join(textwrap.wrap(note, 140)) if note else note
     style.footer(fig, rows if rows is not None else pd.DataFrame(), note)
     if scale is not None:
         style.save_figure(fig, name, scale)
@@ -33,12 +35,15 @@ def _rows(frames: Mapping[str, pd.DataFrame], name: str) -> pd.DataFrame:
     return A.current(frames.get(name))
 
 
-def legend(axes: Sequence[Any], **kw: Any) -> None:
-    """One legend, on the last panel that has labelled series (none if no panel has)."""
-    for ax in reversed(list(axes)):
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(**kw)
-            return
+def legend(fig: Any, axes: Sequence[Any], **kw: Any) -> None:
+    """One legend for every panel's series (each label once), outside on the right."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper",
+                   **{"fontsize": 7, **kw})
 
 
 def series_order(names: Sequence[str]) -> list[str]:
@@ -75,7 +80,7 @@ def scaling(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any
         ax.set_title(f"{mode} scaling ({'global batch' if mode == 'strong' else 'per worker'} "
                      f"{b:g})")
     axes[0].set_ylabel("speedup vs best one-process run")
-    legend(axes, loc="upper left", fontsize=7)
+    legend(fig, axes)
     return _finish(fig, "mpi_scaling", scale, df, A.EFFICIENCY_NOTE)
 
 
@@ -103,15 +108,16 @@ def comm_split(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> 
         ax.errorbar(x[known], s["step_ms"][known], yerr=[(s["step_ms"] - s["lo"])[known],
                                                          (s["hi"] - s["step_ms"])[known]],
                     fmt="none", color="#333333", capsize=3, elinewidth=1)
-        ax.set_xticks(x, [f"{n}\nP={p}" for n, p in zip(s["strategy"], s["processes"],
-                                                        strict=True)], fontsize=6.5)
+        ax.set_xticks(x, [f"{n} P={p}" for n, p in zip(s["strategy"], s["processes"],
+                                                       strict=True)], fontsize=6.5,
+                      rotation=30, ha="right")
         ax.set_title(f"{mode} scaling: one steady step")
     axes[0].set_ylabel("ms per step")
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor="#777777", label="compute"),
                Patch(facecolor="white", edgecolor="#777777", hatch="///", label="communication")]
-    axes[-1].legend(handles=handles, loc="upper left", fontsize=7)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     return _finish(fig, "mpi_comm_split", scale, df,
                    "communication: time inside MPI calls, waiting for the slowest rank included")
 
@@ -143,12 +149,13 @@ def amortisation(frames: Mapping[str, pd.DataFrame], steps: Sequence[int],
         ax.axvline(measured, color="#999999", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("steps per worker in a run")
-        ax.set_title(f"{mode}: whole runs (dashed: measured length)")
+        ax.set_title(f"{mode} scaling: whole runs")
     axes[0].set_ylabel("speedup of the whole run")
-    legend(axes, loc="lower right", fontsize=6.5)
+    legend(fig, axes)
     return _finish(fig, "mpi_amortisation", scale, df,
                    "run time = start-up + first step + (steps - 1) x steady step, each "
-                   "measured per trial")
+                   "measured per trial; dotted: steady-state speedup; dashed: the measured "
+                   "run length")
 
 
 def hybrid(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
