@@ -122,3 +122,24 @@ def test_run_coroutine_is_bounded():
         run_coroutine(slow, 0.2, "sleeping")
     assert time.monotonic() - t0 < 3
     assert run_coroutine(quick, 5, "adding") == 7
+
+
+def test_slurm_cluster_is_one_job_of_n_mpi_engines():
+    import importlib.util
+
+    from study import paths
+
+    spec = importlib.util.spec_from_file_location(
+        "ipp_slurm", paths.project_root() / "scripts" / "ipp_slurm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cl = mod.slurm_cluster(8, nodes=2, cpus_per_task=4, account="proj")
+    assert (cl.n, cl.engines, cl.env["NUMBA_NUM_THREADS"]) == (8, "slurm", "4")
+    script = cl.extra_config["SlurmEngineSetLauncher"]["batch_template"]
+    for line in ("#SBATCH --ntasks=8", "#SBATCH --nodes=2", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --account=proj", "NUMBA_NUM_THREADS=4", "{program_and_args}"):
+        assert line in script
+    assert cl.extra_config["EngineLauncher"]["engine_args"] == ["--mpi"]
+    assert cl.cluster is None  # nothing started
+    with pytest.raises(ValueError, match="must be >= 1"):
+        mod.slurm_cluster(0)
