@@ -406,3 +406,27 @@ def test_clis_have_help(cmd, flag):
                           cwd=paths.project_root())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage:") and flag in proc.stdout
+
+
+def test_noisy_ping_pong_falls_back_or_says_why():
+    import matplotlib
+
+    matplotlib.use("agg")
+    df = costmodel_frame()
+    big = (df["strategy"] == "pingpong") & (df["bytes"] >= 65536)
+    # large messages that do not grow with size (a busy host): calibrate finds no bandwidth
+    noisy = df.copy()
+    noisy.loc[big, "time_s"] = noisy.loc[big, "time_s"].to_numpy()[::-1]
+    model = A.fit_costmodel(noisy)
+    assert model.method.startswith("fit_hockney") and model.beta > 0
+    hopeless = df.copy()
+    pp = hopeless["strategy"] == "pingpong"
+    hopeless.loc[pp, "time_s"] = 1e-3 / hopeless.loc[pp, "bytes"]  # falls with size
+    with pytest.raises(ValueError, match="fit no latency/bandwidth model"):
+        A.fit_costmodel(hopeless)
+    check = A.costmodel_check(hopeless)
+    assert list(check.columns) == ["why"] and "quieter machine" in check["why"].iloc[0]
+    assert list(A.extrapolation(hopeless).columns) == ["why"]
+    fig = figs.costmodel_check({"mpi_costmodel": hopeless})
+    assert "quieter" in fig.axes[0].texts[0].get_text().replace("\n", " ")
+    assert figs.extrapolation({"mpi_costmodel": hopeless}) is not None

@@ -256,17 +256,25 @@ def accuracy_curves(df: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Hockney latency/bandwidth, the fitted compute line and the gradient's size."""
+    """Hockney latency/bandwidth, the fitted compute line, the gradient's size and how
+    latency and bandwidth were fitted."""
 
     alpha: float
     beta: float
     compute: cm.Compute
     nbytes: int
+    method: str = "calibrate"
 
 
-def fit_costmodel(df: pd.DataFrame) -> CostModel | None:
+def fit_costmodel(df: pd.DataFrame | None) -> CostModel | None:
     """Calibrate on the current session's ping-pong rows and fit C(b) on its compute rows
-    (medians over trials of each size); None when either is missing."""
+    (medians over trials of each size); None when either is missing.
+
+    `cnn.parallel.costmodel.calibrate` (latency from small messages, bandwidth from a
+    line through the large ones) first; when noise leaves the large messages without a
+    bandwidth, a relative least-squares fit over every size (``fit_hockney``), named in
+    ``method``. ValueError when neither fits: the message says why.
+    """
     df = current(df)
     if not len(df):
         return None
@@ -275,10 +283,25 @@ def fit_costmodel(df: pd.DataFrame) -> CostModel | None:
     if not len(pp) or not len(comp):
         return None
     pp = pp.groupby("bytes", as_index=False)["time_s"].median()
-    alpha, beta = cm.calibrate(pp)
+    method = "calibrate"
+    try:
+        alpha, beta = cm.calibrate(pp)
+    except ValueError as first:
+        method = f"fit_hockney over every size ({first})"
+        try:
+            alpha, beta = cm.fit_hockney(pp["bytes"], pp["time_s"])
+        except ValueError as exc:
+            raise ValueError(f"the ping-pong times of session {df['session'].iloc[0]} fit no "
+                             f"latency/bandwidth model ({first}; over every size: {exc}): "
+                             "re-measure on a quieter machine or with more repeats") from None
     c = comp.groupby("batch_size", as_index=False)["time_min_s"].median()
     compute = cm.Compute.fit(c["batch_size"], c["time_min_s"])
-    return CostModel(alpha, beta, compute, int(comp["bytes"].iloc[0]))
+    return CostModel(alpha, beta, compute, int(comp["bytes"].iloc[0]), method)
+
+
+def unfitted(exc: Exception) -> pd.DataFrame:
+    """The one-row frame that says why the cost model could not be fitted."""
+    return pd.DataFrame({"why": [str(exc)]})
 
 
 def costmodel_check(costmodel_df: pd.DataFrame, scaling_df: pd.DataFrame | None = None
@@ -286,8 +309,12 @@ def costmodel_check(costmodel_df: pd.DataFrame, scaling_df: pd.DataFrame | None 
     """The model against measurements: every measured Allreduce (``kind`` allreduce) and,
     with scaling rows, every steady step of allreduce, the parameter server and the
     one-process runs (``kind`` step). Measured median and CI over trials, modelled time,
-    relative error (predicted - measured) / measured."""
-    model = fit_costmodel(costmodel_df)
+    relative error (predicted - measured) / measured. A model that cannot be fitted gives
+    one ``why`` row instead (`unfitted`)."""
+    try:
+        model = fit_costmodel(costmodel_df)
+    except ValueError as exc:
+        return unfitted(exc)
     if model is None:
         return pd.DataFrame()
     a, b = model.alpha, model.beta
@@ -324,8 +351,12 @@ def costmodel_check(costmodel_df: pd.DataFrame, scaling_df: pd.DataFrame | None 
 def extrapolation(costmodel_df: pd.DataFrame, batch_per_rank: int = 64,
                   global_batch: int = 4096) -> pd.DataFrame:
     """Modelled allreduce efficiency at 16..1024 ranks: this host's measured shared
-    memory and the stated interconnects of `cnn.parallel.costmodel.NETWORKS`."""
-    model = fit_costmodel(costmodel_df)
+    memory and the stated interconnects of `cnn.parallel.costmodel.NETWORKS` (one ``why``
+    row when the model cannot be fitted)."""
+    try:
+        model = fit_costmodel(costmodel_df)
+    except ValueError as exc:
+        return unfitted(exc)
     if model is None:
         return pd.DataFrame()
     nets = {"shm": cm.Network("shared memory (this host, measured)", model.alpha, model.beta),

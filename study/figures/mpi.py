@@ -228,9 +228,10 @@ def costmodel_check(frames: Mapping[str, pd.DataFrame], scale: str | None = None
     check = A.costmodel_check(cm_rows, frames.get("mpi_scaling")) if len(cm_rows) else (
         pd.DataFrame())
     fig, axes = style.new_figure(2, height=3.0)
-    if not len(check):
+    if not len(check) or "why" in check:
+        why = check["why"].iloc[0] if "why" in check else "no cost-model rows yet"
         for ax in axes:
-            style.empty(ax, "no cost-model rows yet")
+            style.empty(ax, "\n".join(textwrap.wrap(why, 50)))
         return _finish(fig, "mpi_costmodel_check", scale, cm_rows)
     ar = check[check["kind"] == "allreduce"]
     ps = sorted(set(ar["processes"]))
@@ -279,8 +280,9 @@ def extrapolation(frames: Mapping[str, pd.DataFrame], scale: str | None = None,
         pd.DataFrame())
     fig, axes = style.new_figure(1, height=3.0, width=style.WIDTH * 0.75)
     ax = axes[0]
-    if not len(ext):
-        style.empty(ax, "no cost-model rows yet")
+    if not len(ext) or "why" in ext:
+        why = ext["why"].iloc[0] if "why" in ext else "no cost-model rows yet"
+        style.empty(ax, "\n".join(textwrap.wrap(why, 60)))
         return _finish(fig, "mpi_costmodel_extrapolation", scale, cm_rows)
     nets = list(dict.fromkeys(ext["network"]))
     style.check_series(2 * len(nets), "extrapolation")
