@@ -215,7 +215,7 @@ def accuracy(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> An
                       np.where(known, f["hi"] - f["median"], 0)])
     axes[1].bar(x, f["median"], yerr=yerr, capsize=3, color=[style.color(n) for n in f.index])
     axes[1].axhline(0, color="#888888", linewidth=0.8)
-    axes[1].set_xticks(x, list(f.index), fontsize=6.5)
+    axes[1].set_xticks(x, list(f.index), fontsize=6.5, rotation=30, ha="right")
     axes[1].set_ylabel("points vs sequential (final)")
     return _finish(fig, "mpi_accuracy", scale, df, "same global batch, seed, lr schedule "
                    "and epochs as sequential; CIs over seeds")
