@@ -91,6 +91,26 @@ def points(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def point_text(med: float, lo: float = math.nan, hi: float = math.nan,
+               fmt: str = "{:.3g}") -> str:
+    """``"median [lo, hi]"`` for tables ('' when not measured, no brackets without a CI)."""
+    if not np.isfinite(med):
+        return ""
+    s = fmt.format(med)
+    return s + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if np.isfinite(lo) and
+                np.isfinite(hi) else "")
+
+
+def latest_session(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of the most recent session (`measure.new_session` ids start with the time);
+    an empty frame for None (a results file not measured yet)."""
+    if df is None:
+        return pd.DataFrame()
+    if not len(df) or "session" not in df:
+        return df
+    return df[df["session"].astype(str) == max(df["session"].astype(str))]
+
+
 # --- speedup against the best one-worker run ------------------------------------------
 
 def speedups(df: pd.DataFrame, value: str = "samples_per_s", *, higher_is_better: bool = True,
@@ -163,14 +183,24 @@ def point_anomaly(p: dict[str, Any]) -> str:
     return "; ".join(why)
 
 
+def key_text(value: Any) -> str:
+    """A join key's text: 2, 2.0 and np.int64(2) all read "2" (points hold float workers,
+    validated rows int ones)."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | float | np.integer | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def flag_rows(df: pd.DataFrame, pts: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Copy each point's ``anomaly`` onto the rows it summarises (joined on ``keys``)."""
     out = df.copy()
     if not len(pts) or "anomaly" not in pts:
         return out
-    notes = {tuple(str(v) for v in k): a for k, a in zip(
+    notes = {tuple(key_text(v) for v in k): a for k, a in zip(
         pts[list(keys)].itertuples(index=False, name=None), pts["anomaly"], strict=True) if a}
-    mine = [notes.get(tuple(str(v) for v in k), "") for k in out[list(keys)].itertuples(
+    mine = [notes.get(tuple(key_text(v) for v in k), "") for k in out[list(keys)].itertuples(
         index=False, name=None)]
     old = out["anomaly"] if "anomaly" in out else pd.Series("", index=out.index)
     out["anomaly"] = ["; ".join(x for x in (str(o or ""), m) if x) for o, m in zip(
@@ -210,9 +240,10 @@ class Headline:
         if not self.measured:
             return "not measured"
         f = FORMATS.get(self.unit, "{:.3g}")
+        b = BOUND_FORMATS.get(self.unit, f)
         s = f.format(self.value)
         if np.isfinite(self.lo) and np.isfinite(self.hi):
-            s += f" [{f.format(self.lo)}, {f.format(self.hi)}]"
+            s += f" [{b.format(self.lo)}, {b.format(self.hi)}]"
         return s
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +255,7 @@ class Headline:
         return d
 
 
+BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}"}
 FORMATS = {"x": "{:.2f}x", "%": "{:.1%}", "acc": "{:.2%}", "points": "{:+.2f} pts",
            "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms"}
 

@@ -63,23 +63,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      compute_batches=(4, 8, 16, 32, 64, 128), compute_repeats=11,
                      amortise_steps=(1, 10, 30, 100, 300, 1000, 10000)),
     },
-    # notebook 05: HOGWILD workers on one shared buffer
+    # notebook 05: HOGWILD workers on one shared buffer, against sequential `cnn.train`;
+    # seed_batch is the seed configuration's batch (headlines, the pinning variant)
     "hogwild": {
-        "quick": dict(dataset="digits", subset=None, epochs=2, workers=(1, 2), trials=1,
-                      batches=(32,)),
-        "standard": dict(dataset="fashion-mnist", subset=12000, epochs=3, workers=(1, 2),
-                         trials=5, batches=(32, 64)),
-        "full": dict(dataset="fashion-mnist", subset=None, epochs=5, workers=(1, 2, 4, 8),
-                     trials=7, batches=(32, 64)),
+        "quick": dict(dataset="digits", subset=None, test_subset=None, epochs=2,
+                      workers=(1, 2), trials=1, batches=(32,), seed_batch=32,
+                      backend="numba", timeout_s=600),
+        "standard": dict(dataset="fashion-mnist", subset=12000, test_subset=None, epochs=3,
+                         workers=(1, 2), trials=5, batches=(32, 64), seed_batch=64,
+                         backend="numba", timeout_s=1800),
+        "full": dict(dataset="fashion-mnist", subset=None, test_subset=None, epochs=5,
+                     workers=(1, 2, 4, 8), trials=7, batches=(32, 64), seed_batch=64,
+                     backend="numba", timeout_s=3600),
     },
-    # notebook 05: k-fold cross-validation on ipyparallel engines
+    # notebook 05: k-fold cross-validation on ipyparallel engines; (subset, epochs) is the
+    # seed point, `work` the (subset, epochs) points of the work-per-engine sweep
     "kfold": {
         "quick": dict(dataset="digits", subset=None, epochs=1, folds=2, engines=(1, 2),
-                      trials=1, work=((None, 1),)),
+                      trials=1, work=((600, 1), (None, 1)), batch_size=64, backend="numba",
+                      cpu_interval=0.25, timeout_s=600),
         "standard": dict(dataset="fashion-mnist", subset=12000, epochs=2, folds=4,
-                         engines=(1, 2), trials=5, work=((3000, 1), (6000, 1), (12000, 2))),
+                         engines=(1, 2), trials=5, work=((3000, 1), (6000, 1), (12000, 2)),
+                         batch_size=64, backend="numba", cpu_interval=0.5, timeout_s=1800),
         "full": dict(dataset="fashion-mnist", subset=None, epochs=3, folds=8,
-                     engines=(1, 2, 4, 8), trials=5, work=((6000, 1), (60000, 3))),
+                     engines=(1, 2, 4, 8), trials=5, work=((6000, 1), (20000, 1), (None, 3)),
+                     batch_size=64, backend="numba", cpu_interval=0.5, timeout_s=3600),
     },
 }
 

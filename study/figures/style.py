@@ -146,6 +146,21 @@ def check_series(n: int, where: str) -> None:
                          "split the figure or filter the series")
 
 
+def finish(fig: Any, axes: Sequence[Any], rows: pd.DataFrame, note: str, name: str,
+           scale: str = "standard", save: bool = True) -> Any:
+    """Close a figure the same way everywhere: refuse a panel with too many series, draw
+    each panel's legend, add the provenance footer, save (unless ``save`` is False)."""
+    for ax in axes:
+        handles = ax.get_legend_handles_labels()[0]
+        check_series(len(handles), f"{name}: {ax.get_title() or 'panel'}")
+        if handles:
+            ax.legend()
+    footer(fig, rows, note)
+    if save:
+        save_figure(fig, name, scale)
+    return fig
+
+
 def with_ci(ax: Any, x: Sequence[float], med: Sequence[float], lo: Sequence[float],
             hi: Sequence[float], label: str, strategy: str | None = None,
             marker: str = "o", linestyle: str = "-") -> None:
