@@ -10,7 +10,7 @@
 Every run is a fresh ``mpiexec -n P python -m cnn.parallel.mpi`` (or ``python -m
 cnn.train``) job, trials interleaved with the sequential baseline of the same
 configuration; start-up and the first step are measured apart. Rows go to
-``results/mpi_<part>.pkl`` (quick: ``build/quick/results``; rows of other hosts are
+``results/mpi_<part>_runs.pkl`` (quick: ``build/quick/results``; rows of other hosts are
 kept), then the headlines, the scaling table and the start-up amortisation table are
 printed; ``--figures`` also draws the figures. Sizes: ``study/config.py`` ("mpi").
 Run it on a quiet machine: other load on the cores shows up in every number.
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 30,
                            "display.max_colwidth", 70):
         print(A.headline_table(frames)[["headline", "value", "anomaly"]].to_string(index=False))
-        if "mpi_scaling" in frames:
-            print(A.scaling_table(frames["mpi_scaling"]).to_string(index=False))
+        if A.SCALING in frames:
+            print(A.scaling_table(frames[A.SCALING]).to_string(index=False))
             steps = preset("mpi", args.scale)["amortise_steps"]
-            print(A.amortisation_table(frames["mpi_scaling"], steps).to_string(index=False))
+            print(A.amortisation_table(frames[A.SCALING], steps).to_string(index=False))
     if args.figures:
         from study.figures import mpi as figs
 

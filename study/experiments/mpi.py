@@ -48,7 +48,12 @@ from study.cluster import MPICluster
 from study.config import DEFAULT_SCALE, preset
 from study.experiments import cli, load_saved
 from study.experiments.mpi_analysis import (
+    ACCURACY,
     ACCURACY_STRATEGIES,
+    COSTMODEL,
+    HYBRID,
+    RESULTS,
+    SCALING,
     SERVERS,
     STRATEGIES,
     flag,
@@ -68,7 +73,6 @@ from study.measure import (
     run_interleaved,
 )
 
-RESULTS: tuple[str, ...] = ("mpi_scaling", "mpi_hybrid", "mpi_accuracy", "mpi_costmodel")
 PARTS: tuple[str, ...] = ("scaling", "hybrid", "accuracy", "costmodel")
 FILE = dict(zip(PARTS, RESULTS, strict=True))
 
@@ -256,11 +260,13 @@ def accuracy_plan(scale: str = DEFAULT_SCALE, *, seeds: int | None = None,
 
 def costmodel_plan(scale: str = DEFAULT_SCALE, *, cores: int | None = None
                    ) -> list[dict[str, Any]]:
-    """The cost model's measurements: ping-pong and Allreduce on P = 2 .. cores ranks
-    (``comm_ranks``), and one process's step time against the batch."""
+    """The cost model's measurements: ping-pong and Allreduce on ``comm_ranks`` ranks (by
+    default 2, 4, 8, ... and the physical cores: a few sizes of P, at most six up to 64
+    cores), and one process's step time against the batch."""
     cfg = preset("mpi", scale)
-    cores = cores or physical_cores()
-    comm = cfg["comm_ranks"] or tuple(range(2, max(cores, 2) + 1))
+    cores = max(cores or physical_cores(), 2)
+    comm = cfg["comm_ranks"] or sorted({*(2**k for k in range(1, cores.bit_length())
+                                          if 2**k <= cores), cores})
     return [*({"kind": "comm", "processes": int(p)} for p in comm), {"kind": "compute"}]
 
 
@@ -371,7 +377,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         jobs = scaling_plan(scale, ranks=ranks, oversubscribe=oversubscribe, backend=backend)
         say(f"scaling: {len(jobs)} configurations x {cfg['trials']} trial(s), interleaved")
         df = measure_jobs(jobs, cfg["trials"], scale=scale, session=session, log=log)
-        out["mpi_scaling"] = flag(df, scaling_points(df))
+        out[SCALING] = flag(df, scaling_points(df))
     if "hybrid" in parts:
         from cnn import available_backends
 
@@ -383,14 +389,14 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
             say(f"hybrid: {len(jobs)} configurations x {cfg['trials']} trial(s), interleaved")
             df = measure_jobs(jobs, cfg["trials"], scale=scale, session=session, log=log)
             series = ("strategy", "processes", "threads")
-            out["mpi_hybrid"] = flag(df, scaling_points(df, series), series)
+            out[HYBRID] = flag(df, scaling_points(df, series), series)
     if "accuracy" in parts:
         jobs = accuracy_plan(scale, backend=backend)
         say(f"accuracy: {len(jobs)} runs (one seed per trial), interleaved")
-        out["mpi_accuracy"] = measure_accuracy(jobs, scale, session, log)
+        out[ACCURACY] = measure_accuracy(jobs, scale, session, log)
     if "costmodel" in parts:
         say("costmodel: ping-pong/Allreduce jobs and step times, interleaved")
-        out["mpi_costmodel"] = measure_costmodel(scale, session, backend=backend, log=log)
+        out[COSTMODEL] = measure_costmodel(scale, session, backend=backend, log=log)
     for name, df in out.items():
         path = schema.save(df, name, scale)
         say(f"{name}: {len(df)} rows -> {paths.shown(path)}")
@@ -406,7 +412,7 @@ def measure_accuracy(jobs: Sequence[Job], scale: str, session: str,
         df = measure_jobs(mine, 1, scale=scale, session=session, log=log, every_epoch=True)
         df["trial"] = seed
         frames.append(df)
-    return schema.validate(pd.concat(frames, ignore_index=True), where="mpi_accuracy rows")
+    return schema.validate(pd.concat(frames, ignore_index=True), where=f"{ACCURACY} rows")
 
 
 def load(scale: str = DEFAULT_SCALE) -> dict[str, pd.DataFrame]:

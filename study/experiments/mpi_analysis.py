@@ -38,8 +38,10 @@ EFFICIENCY_NOTE = ("efficiency = speedup / workers, workers = training ranks x t
 ONE_PROCESS = "processes == 1"
 #: Speedup within this fraction of its steady-state value counts as amortised.
 AMORTISED = 0.9
-SOURCE = {"scaling": "results/mpi_scaling.pkl", "hybrid": "results/mpi_hybrid.pkl",
-          "accuracy": "results/mpi_accuracy.pkl", "costmodel": "results/mpi_costmodel.pkl"}
+#: The family's results files (``results/<name>.pkl``), one per part.
+SCALING, HYBRID, ACCURACY, COSTMODEL = ("mpi_scaling_runs", "mpi_hybrid_runs",
+                                        "mpi_accuracy_runs", "mpi_costmodel_runs")
+RESULTS: tuple[str, ...] = (SCALING, HYBRID, ACCURACY, COSTMODEL)
 
 
 def trainers(strategy: str, processes: int) -> int:
@@ -48,11 +50,8 @@ def trainers(strategy: str, processes: int) -> int:
 
 
 def current(df: pd.DataFrame | None) -> pd.DataFrame:
-    """The rows of the most recent session (a results file may hold other hosts' too)."""
-    if df is None or not len(df):
-        return pd.DataFrame() if df is None else df
-    latest = df.groupby("session")["timestamp"].max().idxmax()
-    return df[df["session"] == latest].reset_index(drop=True)
+    """The rows of the most recent session (`study.analysis.latest_session`)."""
+    return analysis.latest_session(df)
 
 
 # --- speedup and efficiency ------------------------------------------------------------
@@ -129,8 +128,8 @@ def scaling_table(df: pd.DataFrame, series: Sequence[str] = ("strategy",)) -> pd
 
 
 def ci_text(value: float, lo: float, hi: float, unit: str) -> str:
-    """``value [lo, hi]`` in the unit's format (as the headlines print it)."""
-    return Headline("", "", value, lo, hi, unit).text()
+    """``value [lo, hi]`` in the unit's format, as the headlines print it."""
+    return analysis.point_text(value, lo, hi, analysis.FORMATS[unit])
 
 
 # --- fixed costs: how many steps amortise start-up ------------------------------------------
@@ -142,11 +141,13 @@ def run_time(df: pd.DataFrame, steps: float) -> pd.Series:
     return df["startup_s"] + df["first_step_s"] + (steps - 1) * mean
 
 
-def amortisation(df: pd.DataFrame, steps: Sequence[int]) -> pd.DataFrame:
+def amortisation(df: pd.DataFrame | None, steps: Sequence[int]) -> pd.DataFrame:
     """Speedup (with CI) of whole runs of ``steps`` steps per worker, start-up included,
     against the best one-process run of the same length: how much work per worker a
     strategy needs before its steady-state speedup shows."""
-    base = df[pd.to_numeric(df["step"]) > 1] if len(df) else df
+    if df is None or not len(df):
+        return pd.DataFrame()
+    base = df[pd.to_numeric(df["step"]) > 1]
     out = []
     for s in steps:
         d = base.copy()
@@ -379,7 +380,7 @@ def scaling_headlines(df: pd.DataFrame | None) -> list[Headline]:
                      "the cores")
             hit = top[(top["mode"] == mode) & (top["strategy"] == strategy)] if len(top) else top
             if not len(hit):
-                why = ("results/mpi_scaling.pkl has no rows yet: run notebooks/"
+                why = (f"results/{SCALING}.pkl has no rows yet: run notebooks/"
                        "04_mpi_data_parallel.ipynb" if not len(df) else
                        "no run of it with 2 or more processes within the physical cores")
                 out.append(analysis.not_measured(key, label, why))
@@ -391,7 +392,7 @@ def scaling_headlines(df: pd.DataFrame | None) -> list[Headline]:
             note = (f"P = {int(p['processes'])} processes, {int(p['workers'])} worker(s), "
                     f"against the best one-process run ({p['baseline']}); {counted}")
             h = analysis.headline_from_point(key, label, p, "%", value="efficiency",
-                                             source=SOURCE["scaling"], rows=rows, note=note)
+                                             source=f"results/{SCALING}.pkl", rows=rows, note=note)
             h.extra = {"strategy": strategy, "mode": mode, "processes": int(p["processes"]),
                        "workers": int(p["workers"]), "speedup": float(p["speedup"])}
             out.append(h)
@@ -408,13 +409,13 @@ def accuracy_headlines(df: pd.DataFrame | None) -> list[Headline]:
         label = f"MPI {strategy} test accuracy minus sequential at equal epochs"
         hit = pts[pts["strategy"] == strategy] if len(pts) else pts
         if not len(hit):
-            out.append(analysis.not_measured(key, label, "results/mpi_accuracy.pkl has no "
+            out.append(analysis.not_measured(key, label, f"results/{ACCURACY}.pkl has no "
                                              f"{strategy} rows yet"))
             continue
         p = hit.iloc[0]
         rows = df[(df["config"] == p["config"]) & (df["session"] == p["session"])]
         h = analysis.headline_from_point(
-            key, label, p, "points", value="median", source=SOURCE["accuracy"], rows=rows,
+            key, label, p, "points", value="median", source=f"results/{ACCURACY}.pkl", rows=rows,
             note=f"paired by seed over {int(p['n'])} seed(s), {int(p['workers'])} training "
                  f"ranks, {p['epochs']:g} epochs; accuracy {p['test_acc']:.2%}")
         out.append(h)
@@ -423,8 +424,7 @@ def accuracy_headlines(df: pd.DataFrame | None) -> list[Headline]:
 
 def headlines(frames: Mapping[str, pd.DataFrame]) -> list[Headline]:
     """The family's numbers for the README and the report."""
-    return [*scaling_headlines(frames.get("mpi_scaling")),
-            *accuracy_headlines(frames.get("mpi_accuracy"))]
+    return [*scaling_headlines(frames.get(SCALING)), *accuracy_headlines(frames.get(ACCURACY))]
 
 
 def headline_table(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

@@ -5,8 +5,8 @@ line and 95% CIs) and `comm_split` (a steady step split into compute and communi
 The notebook's others: `amortisation` (speedup of whole runs by work per worker),
 `hybrid`, `accuracy` (against epochs, and the final gap to sequential) and the cost
 model's `costmodel_check` and `extrapolation`. Each takes the family's frames (as
-`study.experiments.mpi.load` returns them), draws the current session and, given a
-``scale``, saves itself under the scale's images folder.
+`study.experiments.mpi.load` returns them), draws the latest session, returns the figure
+and saves it under the scale's images folder unless ``save=False``.
 """
 
 from __future__ import annotations
@@ -18,32 +18,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from study import analysis
 from study.experiments import mpi_analysis as A
 from study.figures import style
 
 
-def _finish(fig: Any, name: str, scale: str | None, rows: pd.DataFrame | None,
-            note: str = "") -> Any:
+def _close(fig: Any, axes: Sequence[Any], rows: pd.DataFrame | None, note: str, name: str,
+           scale: str, save: bool) -> Any:
+    """`style.finish` with the note wrapped to the figure's width."""
     note = "\n".join(textwrap.wrap(note, 140)) if note else note
-    style.footer(fig, rows if rows is not None else pd.DataFrame(), note)
-    if scale is not None:
-        style.save_figure(fig, name, scale)
-    return fig
+    return style.finish(fig, axes, rows if rows is not None else pd.DataFrame(), note, name,
+                        scale, save)
 
 
 def _rows(frames: Mapping[str, pd.DataFrame], name: str) -> pd.DataFrame:
-    return A.current(frames.get(name))
-
-
-def legend(fig: Any, axes: Sequence[Any], **kw: Any) -> None:
-    """One legend for every panel's series (each label once), outside on the right."""
-    seen: dict[str, Any] = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            seen.setdefault(label, h)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper",
-                   **{"fontsize": 7, **kw})
+    return analysis.latest_session(frames.get(name))
 
 
 def series_order(names: Sequence[str]) -> list[str]:
@@ -52,10 +41,11 @@ def series_order(names: Sequence[str]) -> list[str]:
     return [s for s in known if s in names] + sorted(set(names) - set(known))
 
 
-def scaling(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
+def scaling(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
+            save: bool = True) -> Any:
     """Speedup against workers per strategy, weak and strong panels, ideal line, CIs;
     hollow markers: oversubscribed points (more processes than physical cores)."""
-    df = _rows(frames, "mpi_scaling")
+    df = _rows(frames, A.SCALING)
     pts = A.scaling_points(df)
     fig, axes = style.new_figure(2, height=3.0, sharey=True)
     for ax, mode in zip(axes, ("weak", "strong"), strict=True):
@@ -63,8 +53,8 @@ def scaling(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any
         if not len(p):
             style.empty(ax, f"no {mode}-scaling rows yet")
             continue
-        names = series_order(list(dict.fromkeys(p["strategy"])))
-        style.check_series(len(names), f"mpi scaling ({mode})")
+        names = [n for n in series_order(list(dict.fromkeys(p["strategy"])))
+                 if n != "sequential"]  # the baseline (or slower than it): speedup <= 1
         style.ideal_line(ax, p["workers"])
         for name in names:
             s = p[p["strategy"] == name].sort_values("workers")
@@ -78,16 +68,17 @@ def scaling(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any
         ax.set_xlabel("workers (training ranks)")
         b = p["global_batch"].max() if mode == "strong" else p["batch_size"].max()
         ax.set_title(f"{mode} scaling ({'global batch' if mode == 'strong' else 'per worker'} "
-                     f"{b:g})")
+                     f"{b:g}; baseline {p['baseline'].iloc[0]})")
     axes[0].set_ylabel("speedup vs best one-process run")
-    legend(fig, axes)
-    return _finish(fig, "mpi_scaling", scale, df, A.EFFICIENCY_NOTE)
+    return _close(fig, axes, df, f"hollow: oversubscribed; {A.EFFICIENCY_NOTE}",
+                  "mpi_scaling", scale, save)
 
 
-def comm_split(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
+def comm_split(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
+               save: bool = True) -> Any:
     """A steady step of each strategy at the largest P that fits the cores (and the
     one-process runs): compute (solid) and communication (hatched), CI of the whole."""
-    df = _rows(frames, "mpi_scaling")
+    df = _rows(frames, A.SCALING)
     split = A.comm_split(df)
     fig, axes = style.new_figure(2, height=3.0, sharey=True)
     for ax, mode in zip(axes, ("weak", "strong"), strict=True):
@@ -101,9 +92,11 @@ def comm_split(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> 
         style.check_series(len(s), f"mpi comm split ({mode})")
         x = np.arange(len(s))
         colors = [style.color(n) for n in s["strategy"]]
-        ax.bar(x, s["compute_ms"], color=colors, label="compute")
+        ax.bar(x, s["compute_ms"], color=colors)
         ax.bar(x, s["comm_ms"], bottom=s["compute_ms"], color="white", edgecolor=colors,
-               hatch="///", label="communication")
+               hatch="///")
+        ax.bar([], [], color="#777777", label="compute")  # legend proxies: one per part
+        ax.bar([], [], color="white", edgecolor="#777777", hatch="///", label="communication")
         known = np.isfinite(s["lo"]) & np.isfinite(s["hi"])
         ax.errorbar(x[known], s["step_ms"][known], yerr=[(s["step_ms"] - s["lo"])[known],
                                                          (s["hi"] - s["step_ms"])[known]],
@@ -113,20 +106,16 @@ def comm_split(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> 
                       rotation=30, ha="right")
         ax.set_title(f"{mode} scaling: one steady step")
     axes[0].set_ylabel("ms per step")
-    from matplotlib.patches import Patch
-
-    handles = [Patch(facecolor="#777777", label="compute"),
-               Patch(facecolor="white", edgecolor="#777777", hatch="///", label="communication")]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=7)
-    return _finish(fig, "mpi_comm_split", scale, df,
-                   "communication: time inside MPI calls, waiting for the slowest rank included")
+    return _close(fig, axes, df, "communication: time inside MPI calls, waiting for the "
+                  "slowest rank included; bars: medians, whiskers: 95% CI of the whole step",
+                  "mpi_comm_split", scale, save)
 
 
 def amortisation(frames: Mapping[str, pd.DataFrame], steps: Sequence[int],
-                 scale: str | None = None) -> Any:
+                 scale: str = "standard", save: bool = True) -> Any:
     """Speedup of whole runs (start-up and first step included) against steps per
     worker, at the largest P that fits the cores; dotted: the steady-state speedup."""
-    df = _rows(frames, "mpi_scaling")
+    df = _rows(frames, A.SCALING)
     am = A.amortisation(df, steps) if len(df) else pd.DataFrame()
     top = A.largest_fitting(A.scaling_points(df)) if len(df) else pd.DataFrame()
     fig, axes = style.new_figure(2, height=3.0, sharey=True)
@@ -135,9 +124,7 @@ def amortisation(frames: Mapping[str, pd.DataFrame], steps: Sequence[int],
         if not len(t) or not len(am):
             style.empty(ax, f"no {mode}-scaling rows yet")
             continue
-        names = series_order(list(t["strategy"]))
-        style.check_series(len(names), f"mpi amortisation ({mode})")
-        for name in names:
+        for name in series_order(list(t["strategy"])):
             p = t[t["strategy"] == name].iloc[0]
             s = am[(am["mode"] == mode) & (am["strategy"] == name)
                    & (am["workers"] == p["workers"])].sort_values("steps_per_worker")
@@ -151,22 +138,21 @@ def amortisation(frames: Mapping[str, pd.DataFrame], steps: Sequence[int],
         ax.set_xlabel("steps per worker in a run")
         ax.set_title(f"{mode} scaling: whole runs")
     axes[0].set_ylabel("speedup of the whole run")
-    legend(fig, axes)
-    return _finish(fig, "mpi_amortisation", scale, df,
-                   "run time = start-up + first step + (steps - 1) x steady step, each "
-                   "measured per trial; dotted: steady-state speedup; dashed: the measured "
-                   "run length")
+    return _close(fig, axes, df, "run time = start-up + first step + (steps - 1) x steady "
+                  "step, each measured per trial; dotted: steady-state speedup; dashed: the "
+                  "measured run length", "mpi_amortisation", scale, save)
 
 
-def hybrid(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
+def hybrid(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: bool = True
+           ) -> Any:
     """Speedup (CI) of each ranks x threads layout against the best one-worker run."""
-    df = _rows(frames, "mpi_hybrid")
+    df = _rows(frames, A.HYBRID)
     pts = A.scaling_points(df, ("strategy", "processes", "threads"))
     fig, axes = style.new_figure(1, height=2.8, width=style.WIDTH * 0.7)
     ax = axes[0]
     if not len(pts):
         style.empty(ax, "no hybrid rows yet (needs the numba backend)")
-        return _finish(fig, "mpi_hybrid", scale, df)
+        return _close(fig, axes, df, "", "mpi_hybrid", scale, save)
     pts = pts.sort_values(["workers", "processes"]).reset_index(drop=True)
     style.check_series(len(pts), "mpi hybrid")
     x = np.arange(len(pts))
@@ -182,21 +168,22 @@ def hybrid(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
     ax.set_xticks(x, labels)
     ax.set_xlabel("ranks x threads")
     ax.set_ylabel("speedup vs best one-worker run")
-    ax.legend(loc="upper left", fontsize=7)
-    return _finish(fig, "mpi_hybrid", scale, df)
+    return _close(fig, axes, df, "each worker (thread) with the same samples per step",
+                  "mpi_hybrid", scale, save)
 
 
-def accuracy(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
+def accuracy(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: bool = True
+             ) -> Any:
     """Test accuracy against epochs per strategy (median, CI over seeds), and the final
     difference from sequential in points (paired by seed)."""
-    df = _rows(frames, "mpi_accuracy")
+    df = _rows(frames, A.ACCURACY)
     curves = A.accuracy_curves(df)
     final = A.accuracy_points(df)
     fig, axes = style.new_figure(2, height=3.0)
     if not len(curves):
         for ax in axes:
             style.empty(ax, "no accuracy rows yet")
-        return _finish(fig, "mpi_accuracy", scale, df)
+        return _close(fig, axes, df, "", "mpi_accuracy", scale, save)
     names = series_order(list(dict.fromkeys(curves["strategy"])))
     style.check_series(len(names), "mpi accuracy")
     for name in names:
@@ -206,7 +193,6 @@ def accuracy(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> An
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_xticks(sorted(set(curves["epoch"])))
-    axes[0].legend(loc="lower right", fontsize=7)
     f = final[final["strategy"] != "sequential"]
     f = f.set_index("strategy").loc[[n for n in names if n in set(f["strategy"])]]
     x = np.arange(len(f))
@@ -217,22 +203,23 @@ def accuracy(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> An
     axes[1].axhline(0, color="#888888", linewidth=0.8)
     axes[1].set_xticks(x, list(f.index), fontsize=6.5, rotation=30, ha="right")
     axes[1].set_ylabel("points vs sequential (final)")
-    return _finish(fig, "mpi_accuracy", scale, df, "same global batch, seed, lr schedule "
-                   "and epochs as sequential; CIs over seeds")
+    return _close(fig, axes, df, "same global batch, seed, lr schedule and epochs as "
+                  "sequential; CIs over seeds", "mpi_accuracy", scale, save)
 
 
-def costmodel_check(frames: Mapping[str, pd.DataFrame], scale: str | None = None) -> Any:
+def costmodel_check(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
+                    save: bool = True) -> Any:
     """Measured against modelled: Allreduce time by message size (markers: measured with
     CI; lines: the ring model), and steady step times (modelled vs measured)."""
-    cm_rows = _rows(frames, "mpi_costmodel")
-    check = A.costmodel_check(cm_rows, frames.get("mpi_scaling")) if len(cm_rows) else (
+    cm_rows = _rows(frames, A.COSTMODEL)
+    check = A.costmodel_check(cm_rows, frames.get(A.SCALING)) if len(cm_rows) else (
         pd.DataFrame())
     fig, axes = style.new_figure(2, height=3.0)
     if not len(check) or "why" in check:
         why = check["why"].iloc[0] if "why" in check else "no cost-model rows yet"
         for ax in axes:
             style.empty(ax, "\n".join(textwrap.wrap(why, 50)))
-        return _finish(fig, "mpi_costmodel_check", scale, cm_rows)
+        return _close(fig, axes, cm_rows, "", "mpi_costmodel_check", scale, save)
     ar = check[check["kind"] == "allreduce"]
     ps = sorted(set(ar["processes"]))
     style.check_series(len(ps), "allreduce check")
@@ -249,7 +236,6 @@ def costmodel_check(frames: Mapping[str, pd.DataFrame], scale: str | None = None
     axes[0].set_yscale("log")
     axes[0].set_xlabel("message bytes")
     axes[0].set_ylabel("Allreduce time (us)")
-    axes[0].legend(fontsize=7)
     st = check[check["kind"] == "step"]
     if len(st):
         names = series_order(list(dict.fromkeys(st["strategy"])))
@@ -264,18 +250,17 @@ def costmodel_check(frames: Mapping[str, pd.DataFrame], scale: str | None = None
         axes[1].plot(lim, lim, ":", color="#888888", linewidth=1, label="model = measured")
         axes[1].set_xlabel("modelled step (ms)")
         axes[1].set_ylabel("measured steady step (ms)")
-        axes[1].legend(fontsize=6.5)
     else:
         style.empty(axes[1], "no scaling rows to check the step model against")
-    return _finish(fig, "mpi_costmodel_check", scale, cm_rows,
-                   "ring allreduce 2(P-1)a + 2(P-1)/P n/b; step = C(b) + communication")
+    return _close(fig, axes, cm_rows, "ring allreduce 2(P-1)a + 2(P-1)/P n/b; step = C(b) + "
+                  "communication", "mpi_costmodel_check", scale, save)
 
 
-def extrapolation(frames: Mapping[str, pd.DataFrame], scale: str | None = None,
-                  batch_per_rank: int = 64, global_batch: int = 4096) -> Any:
+def extrapolation(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
+                  save: bool = True, batch_per_rank: int = 64, global_batch: int = 4096) -> Any:
     """Modelled allreduce efficiency up to 1024 ranks per interconnect: weak scaling at
     ``batch_per_rank`` (solid) and strong scaling at ``global_batch`` (dashed)."""
-    cm_rows = _rows(frames, "mpi_costmodel")
+    cm_rows = _rows(frames, A.COSTMODEL)
     ext = A.extrapolation(cm_rows, batch_per_rank, global_batch) if len(cm_rows) else (
         pd.DataFrame())
     fig, axes = style.new_figure(1, height=3.0, width=style.WIDTH * 0.75)
@@ -283,7 +268,7 @@ def extrapolation(frames: Mapping[str, pd.DataFrame], scale: str | None = None,
     if not len(ext) or "why" in ext:
         why = ext["why"].iloc[0] if "why" in ext else "no cost-model rows yet"
         style.empty(ax, "\n".join(textwrap.wrap(why, 60)))
-        return _finish(fig, "mpi_costmodel_extrapolation", scale, cm_rows)
+        return _close(fig, axes, cm_rows, "", "mpi_costmodel_extrapolation", scale, save)
     nets = list(dict.fromkeys(ext["network"]))
     style.check_series(2 * len(nets), "extrapolation")
     for i, net in enumerate(nets):
@@ -297,7 +282,6 @@ def extrapolation(frames: Mapping[str, pd.DataFrame], scale: str | None = None,
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("ranks")
     ax.set_ylabel("modelled efficiency")
-    ax.legend(fontsize=6, loc="lower left")
-    return _finish(fig, "mpi_costmodel_extrapolation", scale, cm_rows,
-                   f"model only: weak {batch_per_rank} per rank, strong global batch "
-                   f"{global_batch}; compute as this host's core")
+    return _close(fig, axes, cm_rows, f"model only: weak {batch_per_rank} per rank, strong "
+                  f"global batch {global_batch}; compute as this host's core",
+                  "mpi_costmodel_extrapolation", scale, save)

@@ -45,12 +45,19 @@ def timing_rows(strategy, processes, rate, *, trials=5, mode="weak", batch=64,
     return out
 
 
-def frame(rows, session="s", scale="standard"):
+SESSION = "20260101T000000-abcdef"
+
+
+def frame(rows, session=SESSION, scale="standard"):
     return schema.rows(pd.DataFrame(rows), scale=scale, session=session)
 
 
 @pytest.fixture
 def scaling_df():
+    return scaling_frame()
+
+
+def scaling_frame():
     """Sequential 640/s beats 1-rank allreduce (640/1.1); allreduce on 2 ranks is 1.8x,
     the server with 1 worker (2 processes) 1.2x, with 2 workers (3 processes) 1.5x."""
     return frame([*timing_rows("sequential", 1, 640), *timing_rows("allreduce", 1, 640 / 1.1),
@@ -134,8 +141,10 @@ def test_accuracy_plan_equal_global_batch_seed_major():
 
 def test_costmodel_plan():
     assert mpi.costmodel_plan("standard", cores=4) == [
-        {"kind": "comm", "processes": 2}, {"kind": "comm", "processes": 3},
-        {"kind": "comm", "processes": 4}, {"kind": "compute"}]
+        {"kind": "comm", "processes": 2}, {"kind": "comm", "processes": 4}, {"kind": "compute"}]
+    assert [c.get("processes") for c in mpi.costmodel_plan("standard", cores=12)] == [
+        2, 4, 8, 12, None]
+    assert [c.get("processes") for c in mpi.costmodel_plan("standard", cores=1)] == [2, None]
     assert mpi.costmodel_plan("quick", cores=8)[0] == {"kind": "comm", "processes": 2}
 
 
@@ -184,7 +193,7 @@ def test_speedup_against_best_one_process_run(scaling_df):
 
 
 def test_headlines_name_p_workers_and_how_the_server_counts(scaling_df):
-    hs = {h.key: h for h in A.headlines({"mpi_scaling": scaling_df})}
+    hs = {h.key: h for h in A.headlines({A.SCALING: scaling_df})}
     h = hs["mpi_weak_efficiency_allreduce"]
     assert h.value == pytest.approx(0.9) and h.lo < 0.9 < h.hi and h.unit == "%"
     assert "P = 2 processes" in h.note and h.scale == "standard"
@@ -194,18 +203,18 @@ def test_headlines_name_p_workers_and_how_the_server_counts(scaling_df):
     assert "count P - 1 workers" in ps.note
     assert not hs["mpi_strong_efficiency_allreduce"].measured
     assert not hs["mpi_accuracy_allreduce"].measured
-    quick = {h.key: h for h in A.headlines({"mpi_scaling": frame(
+    quick = {h.key: h for h in A.headlines({A.SCALING: frame(
         scaling_df.to_dict("records"), scale="quick")})}
     assert "quick-scale rows" in quick["mpi_weak_efficiency_allreduce"].anomaly
 
 
 def test_only_the_latest_session_is_read(scaling_df):
-    old = scaling_df.assign(session="old", timestamp="2025-01-01T00:00:00",
+    old = scaling_df.assign(session="20250101T000000-000000", timestamp="2025-01-01T00:00:00",
                             samples_per_s=scaling_df["samples_per_s"] * 2)
     both = pd.concat([old, scaling_df], ignore_index=True)
-    assert set(A.current(both)["session"]) == {"s"}
+    assert set(A.current(both)["session"]) == {SESSION}
     pts = A.scaling_points(both)
-    assert set(pts["session"]) == {"old", "s"}  # never one session's baseline for another
+    assert set(pts["session"]) == {"20250101T000000-000000", SESSION}  # never mixed
 
 
 def test_amortisation_known_answer():
@@ -240,7 +249,8 @@ def test_comm_split_known_answer(scaling_df):
     assert ("allreduce", 1) not in split.index  # a one-process run, not the baseline
 
 
-def test_accuracy_paired_by_seed_known_answer():
+def accuracy_frame():
+    """Allreduce 0.5 points above sequential for every seed, the async server -2 (median)."""
     rows = []
     accs = {"sequential": [0.90, 0.91, 0.92], "allreduce": [0.905, 0.915, 0.925],
             "async-param-server": [0.88, 0.90, 0.90]}
@@ -251,7 +261,11 @@ def test_accuracy_paired_by_seed_known_answer():
                                 workers=2, trial=seed, epoch=float(epoch), test_acc=a,
                                 experiment="mpi_accuracy", mode="accuracy",
                                 config="accuracy: test", staleness_mean=0.5))
-    df = frame(rows)
+    return frame(rows)
+
+
+def test_accuracy_paired_by_seed_known_answer():
+    df = accuracy_frame()
     pts = A.accuracy_points(df).set_index("strategy")
     assert pts.loc["allreduce", "median"] == pytest.approx(0.5)
     assert pts.loc["allreduce", "test_acc"] == pytest.approx(0.915)
@@ -268,7 +282,7 @@ def test_accuracy_paired_by_seed_known_answer():
 ALPHA, BETA, C0, C1 = 2e-6, 5e9, 1e-3, 2e-4
 
 
-def costmodel_frame(session="s"):
+def costmodel_frame(session=SESSION):
     rows = []
     for trial in range(3):
         for n in (4, 256, 1024, 65536, 262144, 1048576):
@@ -322,12 +336,13 @@ def test_figures_draw_one_series_per_strategy_and_save(scaling_df, tmp_path, mon
 
     matplotlib.use("agg")
     monkeypatch.setenv(paths.IMAGES_ENV, str(tmp_path))
-    frames = {"mpi_scaling": scaling_df, "mpi_costmodel": costmodel_frame()}
+    frames = {A.SCALING: scaling_df, A.COSTMODEL: costmodel_frame()}
     fig = figs.scaling(frames, "quick")
     weak, strong = fig.axes[:2]
-    assert series_in(weak) == 3  # sequential, allreduce, param-server (with CIs)
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "ideal", "sequential", "allreduce", "param-server"]
+    assert series_in(weak) == 2  # allreduce, param-server with CIs; sequential is the baseline
+    assert [t.get_text() for t in weak.get_legend().get_texts()] == [
+        "ideal", "allreduce", "param-server"]
+    assert "baseline sequential" in weak.get_title()
     assert "no strong-scaling rows" in strong.texts[0].get_text()
     assert (tmp_path / "mpi_scaling.png").exists() and (tmp_path / "mpi_scaling.pdf").exists()
     fig = figs.comm_split(frames)
@@ -359,7 +374,7 @@ def test_more_than_six_series_in_a_panel_is_refused(scaling_df):
     extra = [r for s in ("a", "b", "c", "d") for r in timing_rows(f"peer-{s}", 2, 0.1)]
     df = frame([*scaling_df.to_dict("records"), *extra])
     with pytest.raises(ValueError, match="7 series in one panel"):
-        figs.scaling({"mpi_scaling": df})
+        figs.scaling({A.SCALING: df}, save=False)
 
 
 # --- real runs (quick scale) ------------------------------------------------------------------
@@ -381,8 +396,8 @@ def test_quick_jobs_give_valid_rows_with_fixed_costs_apart():
 def test_quick_costmodel_part_saves_and_fits(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.RESULTS_ENV, str(tmp_path))
     out = mpi.run("quick", parts=["costmodel"], log=None)
-    df = schema.load("mpi_costmodel", "quick", strict=True)
-    assert len(df) == len(out["mpi_costmodel"])
+    df = schema.load(A.COSTMODEL, "quick", strict=True)
+    assert len(df) == len(out[A.COSTMODEL])
     assert set(df["experiment"]) == {"mpi_comm", "mpi_compute"}
     comp = df[df["experiment"] == "mpi_compute"]
     assert sorted(comp["batch_size"]) == [4, 16, 64] and (comp["time_min_s"] > 0).all()
@@ -435,6 +450,17 @@ def test_noisy_ping_pong_falls_back_or_says_why():
     check = A.costmodel_check(hopeless)
     assert list(check.columns) == ["why"] and "quieter machine" in check["why"].iloc[0]
     assert list(A.extrapolation(hopeless).columns) == ["why"]
-    fig = figs.costmodel_check({"mpi_costmodel": hopeless})
+    fig = figs.costmodel_check({A.COSTMODEL: hopeless}, save=False)
     assert "quieter" in fig.axes[0].texts[0].get_text().replace("\n", " ")
-    assert figs.extrapolation({"mpi_costmodel": hopeless}) is not None
+    assert figs.extrapolation({A.COSTMODEL: hopeless}, save=False) is not None
+
+
+@pytest.mark.parametrize("df", [None, pd.DataFrame()])
+def test_analysis_of_nothing_measured_is_empty(df):
+    steps = [1, 10]
+    for table in (A.scaling_table(df), A.amortisation(df, steps), A.amortisation_table(df, steps),
+                  A.comm_split(df), A.accuracy_points(df), A.accuracy_curves(df),
+                  A.costmodel_check(df, df), A.extrapolation(df), A.scaling_points(df)):
+        assert isinstance(table, pd.DataFrame) and not len(table)
+    assert A.fit_costmodel(df) is None
+    assert not any(h.measured for h in A.headlines({}))
