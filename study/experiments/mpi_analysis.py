@@ -375,7 +375,7 @@ def scaling_headlines(df: pd.DataFrame | None) -> list[Headline]:
     out = []
     for mode in ("weak", "strong"):
         for strategy in STRATEGIES:
-            key = f"mpi_{mode}_efficiency_{strategy}"
+            key = f"mpi_{mode}_{strategy}"
             label = (f"MPI {strategy} {mode}-scaling efficiency at the largest P that fits "
                      "the cores")
             hit = top[(top["mode"] == mode) & (top["strategy"] == strategy)] if len(top) else top
@@ -422,9 +422,54 @@ def accuracy_headlines(df: pd.DataFrame | None) -> list[Headline]:
     return out
 
 
+def costmodel_headlines(costmodel_df: pd.DataFrame | None,
+                        scaling_df: pd.DataFrame | None = None) -> list[Headline]:
+    """How well the calibrated model predicts the measured allreduce steps (median |error|
+    with CI over the measured points), and what it extrapolates to: weak-scaling
+    efficiency at 1024 ranks on EDR InfiniBand (a model number, labelled so)."""
+    label_err = "Cost model: median |error| of modelled allreduce steps against measured ones"
+    label_ext = "Cost model: modelled allreduce weak-scaling efficiency at 1024 ranks (EDR IB)"
+    check = costmodel_check(costmodel_df, scaling_df) if costmodel_df is not None else (
+        pd.DataFrame())
+    if not len(check) or "why" in check:
+        why = (check["why"].iloc[0] if "why" in check else
+               f"results/{COSTMODEL}.pkl has no rows yet: run notebooks/04_mpi_data_parallel.ipynb")
+        return [analysis.not_measured("costmodel_step_error", label_err, why),
+                analysis.not_measured("costmodel_weak_1024_ib", label_ext, why)]
+    rows = current(costmodel_df)
+    meta = dict(source=f"results/{COSTMODEL}.pkl", scale=",".join(sorted(set(
+        rows["scale"].astype(str)))), session=str(rows["session"].iloc[0]),
+        host=str(rows["host"].iloc[0]), cpu=str(rows["cpu"].iloc[0]))
+    quick = "" if meta["scale"] in ("standard", "full") else (
+        f"{meta['scale']}-scale rows in a standard headline")
+    steps = check[(check["kind"] == "step") & (check["strategy"] == "allreduce")
+                  & (check["processes"] >= 2)]
+    out = []
+    if len(steps):
+        med, lo, hi = analysis.median_ci(steps["rel_error"].abs())
+        out.append(Headline("costmodel_step_error", label_err, med, lo, hi, "%",
+                            config="allreduce steady steps at P >= 2, weak and strong",
+                            trials=len(steps), anomaly=quick,
+                            note="the model has no term for ranks slowing each other's "
+                                 "compute on one host", **meta))
+    else:
+        out.append(analysis.not_measured("costmodel_step_error", label_err,
+                                         "no allreduce scaling rows with P >= 2 to check"))
+    ext = extrapolation(costmodel_df)
+    hit = ext[(ext["network"] == "IB-100G") & (ext["processes"] == 1024)] if len(ext) else ext
+    if len(hit):
+        out.append(Headline("costmodel_weak_1024_ib", label_ext,
+                            float(hit["weak_efficiency"].iloc[0]), unit="%",
+                            config="64 per rank, seed CNN gradient, this host's compute",
+                            anomaly=quick, note="modelled, not measured: "
+                                                + cm.NETWORKS["IB-100G"].note, **meta))
+    return out
+
+
 def headlines(frames: Mapping[str, pd.DataFrame]) -> list[Headline]:
     """The family's numbers for the README and the report."""
-    return [*scaling_headlines(frames.get(SCALING)), *accuracy_headlines(frames.get(ACCURACY))]
+    return [*scaling_headlines(frames.get(SCALING)), *accuracy_headlines(frames.get(ACCURACY)),
+            *costmodel_headlines(frames.get(COSTMODEL), frames.get(SCALING))]
 
 
 def headline_table(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

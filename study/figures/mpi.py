@@ -1,12 +1,12 @@
 """The MPI family's figures (notebook 04 and the report).
 
-The report's two: `scaling` (speedup against workers, weak and strong as panels, ideal
-line and 95% CIs) and `comm_split` (a steady step split into compute and communication).
-The notebook's others: `amortisation` (speedup of whole runs by work per worker),
-`hybrid`, `accuracy` (against epochs, and the final gap to sequential) and the cost
-model's `costmodel_check` and `extrapolation`. Each takes the family's frames (as
-`study.experiments.mpi.load` returns them), draws the latest session, returns the figure
-and saves it under the scale's images folder unless ``save=False``.
+The report's two: `scaling` (saved as ``mpi_speedup``: speedup against workers, weak and
+strong as panels, ideal line and 95% CIs) and `comm_split` (a steady step split into
+compute and communication). The notebook's others: `amortisation` (speedup of whole runs
+by work per worker), `hybrid`, `accuracy` (against epochs, and the final gap to
+sequential) and the cost model's `costmodel_check` and `extrapolation`. Each takes the
+family's frames (as `study.experiments.mpi.load` returns them), draws the latest session,
+returns the figure and saves it under the scale's images folder unless ``save=False``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def scaling(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
                      f"{b:g}; baseline {p['baseline'].iloc[0]})")
     axes[0].set_ylabel("speedup vs best one-process run")
     return _close(fig, axes, df, f"hollow: oversubscribed; {A.EFFICIENCY_NOTE}",
-                  "mpi_scaling", scale, save)
+                  "mpi_speedup", scale, save)
 
 
 def comm_split(frames: Mapping[str, pd.DataFrame], scale: str = "standard",

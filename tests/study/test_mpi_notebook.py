@@ -13,7 +13,7 @@ from study.experiments import mpi_analysis as A
 papermill = pytest.importorskip("papermill")
 
 NOTEBOOK = paths.notebooks_dir() / "04_mpi_data_parallel.ipynb"
-FIGURES = {"mpi_scaling", "mpi_comm_split", "mpi_amortisation", "mpi_hybrid", "mpi_accuracy",
+FIGURES = {"mpi_speedup", "mpi_comm_split", "mpi_amortisation", "mpi_hybrid", "mpi_accuracy",
            "mpi_costmodel_check", "mpi_costmodel_extrapolation"}
 
 

@@ -194,18 +194,18 @@ def test_speedup_against_best_one_process_run(scaling_df):
 
 def test_headlines_name_p_workers_and_how_the_server_counts(scaling_df):
     hs = {h.key: h for h in A.headlines({A.SCALING: scaling_df})}
-    h = hs["mpi_weak_efficiency_allreduce"]
+    h = hs["mpi_weak_allreduce"]
     assert h.value == pytest.approx(0.9) and h.lo < 0.9 < h.hi and h.unit == "%"
     assert "P = 2 processes" in h.note and h.scale == "standard"
     assert h.config == "weak: test" and h.trials == 5
-    ps = hs["mpi_weak_efficiency_param-server"]
+    ps = hs["mpi_weak_param-server"]
     assert ps.extra["processes"] == 2 and ps.extra["workers"] == 1 and "rank 0 serves" in ps.anomaly
     assert "count P - 1 workers" in ps.note
-    assert not hs["mpi_strong_efficiency_allreduce"].measured
+    assert not hs["mpi_strong_allreduce"].measured
     assert not hs["mpi_accuracy_allreduce"].measured
     quick = {h.key: h for h in A.headlines({A.SCALING: frame(
         scaling_df.to_dict("records"), scale="quick")})}
-    assert "quick-scale rows" in quick["mpi_weak_efficiency_allreduce"].anomaly
+    assert "quick-scale rows" in quick["mpi_weak_allreduce"].anomaly
 
 
 def test_only_the_latest_session_is_read(scaling_df):
@@ -318,6 +318,13 @@ def test_costmodel_fit_check_and_extrapolation_known_answer():
     assert len(ar) == 12 and np.abs(ar["rel_error"]).max() < 1e-3
     st = check[check["kind"] == "step"].set_index(["strategy", "processes"])
     assert np.abs(st["rel_error"]).max() < 1e-6
+    hs = {h.key: h for h in A.costmodel_headlines(df, steps)}
+    assert hs["costmodel_step_error"].value < 1e-6 and hs["costmodel_step_error"].trials == 1
+    ib = hs["costmodel_weak_1024_ib"]
+    net = cm.NETWORKS["IB-100G"]
+    assert ib.value == pytest.approx((C0 + C1 * 64) / (C0 + C1 * 64 + cm.ring_allreduce_time(
+        4e5, 1024, net.alpha, net.beta))) and "modelled, not measured" in ib.note
+    assert not any(h.measured for h in A.costmodel_headlines(None))
     ext = A.extrapolation(df)
     assert set(ext["network"]) == {"shm", *cm.NETWORKS}
     e = ext[(ext["network"] == "shm") & (ext["processes"] == 16)].iloc[0]
@@ -344,7 +351,7 @@ def test_figures_draw_one_series_per_strategy_and_save(scaling_df, tmp_path, mon
         "ideal", "allreduce", "param-server"]
     assert "baseline sequential" in weak.get_title()
     assert "no strong-scaling rows" in strong.texts[0].get_text()
-    assert (tmp_path / "mpi_scaling.png").exists() and (tmp_path / "mpi_scaling.pdf").exists()
+    assert (tmp_path / "mpi_speedup.png").exists() and (tmp_path / "mpi_speedup.pdf").exists()
     fig = figs.comm_split(frames)
     # compute + comm bars: the baseline (sequential), then the largest P within the cores
     # of each strategy (allreduce P=2, param-server P=2)
