@@ -23,17 +23,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                          lr=0.05),
         "full": dict(dataset="fashion-mnist", subset=None, epochs=15, batch_size=64, lr=0.05),
     },
-    # notebook 02: one training step of each backend, side by side in one process
+    # notebook 02: one training step of each backend, side by side in one process; the
+    # seed (3x32x32, b128) and MPI (1x28x28, b64) configurations are the headlines'
     "kernels": {
-        "quick": dict(shapes=("1x8x8",), batches=(8,), threads=(1, 2), steps=3, trials=2,
-                      grid_filters=((8, 16),), grid_batches=(8,), gemm_size=256),
+        "quick": dict(shapes=("1x12x12",), batches=(8,), threads=(1, 2), steps=3, trials=2,
+                      kernel_config=("1x12x12", 8), grid_shape="1x12x12",
+                      grid_filters=((8, 16),), grid_batches=(8,), grid_steps=3, gemm_size=256,
+                      copy_mb=16, roof_repeats=3, compile_batch=8, compile_trials=1),
         "standard": dict(shapes=("3x32x32", "1x28x28"), batches=(64, 128), threads=(1, 2),
-                         steps=12, trials=5, grid_filters=((16, 32), (32, 64), (64, 128)),
-                         grid_batches=(32, 128, 512), gemm_size=2048),
+                         steps=12, trials=5, kernel_config=("3x32x32", 128),
+                         grid_shape="1x28x28", grid_filters=((16, 32), (32, 64), (64, 128)),
+                         grid_batches=(32, 128, 512), grid_steps=6, gemm_size=2048,
+                         copy_mb=256, roof_repeats=5, compile_batch=128, compile_trials=5),
         "full": dict(shapes=("3x32x32", "1x28x28"), batches=(32, 64, 128, 256),
                      threads=(1, 2, 4, 8, 16), steps=30, trials=7,
+                     kernel_config=("3x32x32", 128), grid_shape="1x28x28",
                      grid_filters=((16, 32), (32, 64), (64, 128), (128, 256)),
-                     grid_batches=(32, 128, 512, 1024), gemm_size=4096),
+                     grid_batches=(32, 128, 512, 1024), grid_steps=12, gemm_size=4096,
+                     copy_mb=1024, roof_repeats=5, compile_batch=128, compile_trials=5),
     },
     # notebook 04: MPI strategies as real mpiexec jobs (start-up measured apart). Timing:
     # weak scaling at `batch_per_rank`, strong at `global_batch`, `steps` steps per run,

@@ -131,6 +131,12 @@ COLUMNS: dict[str, Column] = {
     "pct_gemm_roof": _c("float", "per cent of the measured GEMM ceiling"),
     "pct_copy_roof": _c("float", "per cent of the measured copy roof"),
     "peak_mem_mb": _c("float", "peak memory of the configuration, MB"),
+    "direction": _c("str", "what a per-kernel row timed: fwd | bwd | fwd+bwd (loss) | update"),
+    "kernel_flops": _c("float", "FLOPs of one call of the timed kernel (multiply-add = 2)"),
+    "kernel_bytes": _c("float", "bytes one call reads and writes (estimate, for the roofline)"),
+    "gbytes_per_s": _c("float", "achieved GB/s: kernel_bytes / median time (or a copy roof)"),
+    "blas_threads": _c("float", "BLAS threads of the run (numpy and numba call BLAS on one)"),
+    "jit_cache": _c("str", "Numba's on-disk cache at a fresh-process start: cold | warm | ''"),
     # peers
     "peer": _c("str", "what the row is compared with (torch-ddp, joblib-kfold, ...)"),
     "torch_threads": _c("float", "torch.get_num_threads() in the run"),
