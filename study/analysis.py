@@ -255,9 +255,13 @@ class Headline:
         return d
 
 
-BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}"}
+BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}",
+                 "modelled %": "{:.1%}"}
+#: "error": a relative error; "modelled %": a model's efficiency (not a measurement, and
+#: kept apart from the measured "%" ones).
 FORMATS = {"x": "{:.2f}x", "%": "{:.1%}", "acc": "{:.2%}", "points": "{:+.2f} pts",
-           "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms"}
+           "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms", "error": "{:.1%}",
+           "modelled %": "{:.1%} (model)"}
 
 
 def not_measured(key: str, label: str, why: str) -> Headline:

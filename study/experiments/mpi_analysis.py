@@ -447,7 +447,7 @@ def costmodel_headlines(costmodel_df: pd.DataFrame | None,
     out = []
     if len(steps):
         med, lo, hi = analysis.median_ci(steps["rel_error"].abs())
-        out.append(Headline("costmodel_step_error", label_err, med, lo, hi, "%",
+        out.append(Headline("costmodel_step_error", label_err, med, lo, hi, "error",
                             config="allreduce steady steps at P >= 2, weak and strong",
                             trials=len(steps), anomaly=quick,
                             note="the model has no term for ranks slowing each other's "
@@ -459,7 +459,7 @@ def costmodel_headlines(costmodel_df: pd.DataFrame | None,
     hit = ext[(ext["network"] == "IB-100G") & (ext["processes"] == 1024)] if len(ext) else ext
     if len(hit):
         out.append(Headline("costmodel_weak_1024_ib", label_ext,
-                            float(hit["weak_efficiency"].iloc[0]), unit="%",
+                            float(hit["weak_efficiency"].iloc[0]), unit="modelled %",
                             config="64 per rank, seed CNN gradient, this host's compute",
                             anomaly=quick, note="modelled, not measured: "
                                                 + cm.NETWORKS["IB-100G"].note, **meta))

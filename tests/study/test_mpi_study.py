@@ -324,6 +324,8 @@ def test_costmodel_fit_check_and_extrapolation_known_answer():
     net = cm.NETWORKS["IB-100G"]
     assert ib.value == pytest.approx((C0 + C1 * 64) / (C0 + C1 * 64 + cm.ring_allreduce_time(
         4e5, 1024, net.alpha, net.beta))) and "modelled, not measured" in ib.note
+    assert ib.text().endswith("% (model)") and ib.unit != "%"  # not among measured efficiencies
+    assert hs["costmodel_step_error"].text().startswith("0.0%")
     assert not any(h.measured for h in A.costmodel_headlines(None))
     ext = A.extrapolation(df)
     assert set(ext["network"]) == {"shm", *cm.NETWORKS}
