@@ -61,8 +61,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn import cli
 from cnn import data as cdata
-from cnn.errors import DivergenceError
+from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import make_row, save_metrics, step_stats, to_frame
 from cnn.network import Network
 from cnn.parallel import kfold
@@ -73,11 +74,11 @@ TORCH_HINT = "pip install -e '.[compare]' (the optional torch extra)"
 POLL_S = 0.2
 
 
-class PeerRunError(RuntimeError):
+class PeerRunError(CnnError, RuntimeError):
     """A peer run failed (a worker raised or died, or it timed out); names the worker."""
 
 
-class TorchMissing(RuntimeError):
+class TorchMissing(CnnError, RuntimeError):
     """torch is not installed; the message says how to install it."""
 
 
@@ -181,15 +182,17 @@ class TorchBackend:
 
 
 class TorchNet:
-    """What `cnn.train.fit` needs of a network (backend, threads, evaluate), for a torch
-    model: the library's loop then drives torch's step unchanged."""
+    """What `cnn.train.fit` needs of a network (backend, threads, evaluate, config), for a
+    torch model: the library's loop then drives torch's step unchanged. ``config`` is the
+    project network's the twin was made from (fit records it with a run's identity)."""
 
     def __init__(self, model: Any, evaluate: Callable[..., tuple[float, float]],
-                 threads: int):
+                 threads: int, net: Network):
         self.model = model
         self.backend = TorchBackend()
         self.threads = threads
         self.evaluate = evaluate
+        self.config = net.config
 
 
 def ddp_step(ddp: Any, opt: Any, rank: int, size: int) -> Callable[..., float]:
@@ -254,16 +257,18 @@ def ddp_rank(rank: int, size: int, args: argparse.Namespace, init_method: str,
         ddp = DistributedDataParallel(model)
         opt = torch_sgd(ddp, args)
         global_batch = size * args.batch_size
-        _, sched = make_training(net, args, math.ceil(len(y) / global_batch))
-        tnet = TorchNet(ddp, sharded_evaluate(model, rank, size), threads)
+        # the project's twin optimiser: fit records its kind; torch's SGD takes the steps
+        described, sched = make_training(net, args, math.ceil(len(y) / global_batch))
+        tnet = TorchNet(ddp, sharded_evaluate(model, rank, size), threads, net)
         log = print if rank == 0 and not args.no_progress else None
         if log:
             log(f"torch-ddp: {size} rank(s), gloo, global batch {global_batch} "
                 f"({args.batch_size} per rank), torch {torch.__version__}, {threads} thread(s)")
         dist.barrier()
         df = fit(tnet, train, test, epochs=args.epochs, batch_size=global_batch,
-                 optimizer=opt, schedule=sched, seed=args.seed, max_steps=args.max_steps,
-                 progress=False, step_fn=ddp_step(ddp, opt, rank, size), log=log,
+                 optimizer=described, schedule=sched, seed=args.seed,
+                 max_steps=args.max_steps, progress=False,
+                 step_fn=ddp_step(ddp, opt, rank, size), log=log,
                  experiment=args.experiment, strategy="torch-ddp", processes=size,
                  model=args.model, dataset=args.dataset, batch_per_rank=args.batch_size,
                  **torch_fields(threads))
@@ -282,8 +287,9 @@ def ddp_parser() -> argparse.ArgumentParser:
                                 description="PyTorch DistributedDataParallel (gloo) on the "
                                             "seed CNN's twin: the peer of allreduce.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p)
-    p.add_argument("--workers", type=int, default=2, help="DDP processes (ranks)")
+    add_training_args(p, checkpoints=False)
+    p.add_argument("--workers", type=cli.int_at_least(1), default=2,
+                   help="DDP processes (ranks)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="gloo collective timeout, seconds (a stuck rank fails the run)")
     p.set_defaults(experiment="peers_ddp", threads=1)
@@ -291,9 +297,7 @@ def ddp_parser() -> argparse.ArgumentParser:
 
 
 def ddp_main(argv: Sequence[str]) -> pd.DataFrame | None:
-    args = ddp_parser().parse_args(list(argv))
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    args = cli.parse(ddp_parser(), argv)
     torch = require_torch()
     with tempfile.TemporaryDirectory(prefix="peers_ddp_") as d:
         init = (Path(d) / "rendezvous").as_uri()
@@ -396,8 +400,8 @@ def hogwild_parser() -> argparse.ArgumentParser:
                                 description="PyTorch's mnist_hogwild scheme on the seed CNN's "
                                             "twin: the peer of cnn.parallel.hogwild.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p)
-    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    add_training_args(p, checkpoints=False)
+    p.add_argument("--workers", type=cli.int_at_least(1), default=2, help="worker processes")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds the workers may take to start (imports, warm-up)")
     p.add_argument("--timeout", type=float, default=None,
@@ -407,10 +411,8 @@ def hogwild_parser() -> argparse.ArgumentParser:
 
 
 def hogwild_main(argv: Sequence[str]) -> pd.DataFrame:
-    args = hogwild_parser().parse_args(list(argv))
+    args = cli.parse(hogwild_parser(), argv)
     W = int(args.workers)
-    if W < 1:
-        raise SystemExit(f"--workers must be >= 1, got {W}")
     torch = require_torch()
     from cnn.twin import torch_twin
 
@@ -495,7 +497,8 @@ def joblib_parser() -> argparse.ArgumentParser:
     p.prog = "python -m study.peer_runners joblib-kfold"
     p.description = ("joblib.Parallel (loky) over the folds, each fold cnn.parallel.kfold's "
                      "own train_fold: the peer of k-fold on ipyparallel engines.")
-    p.add_argument("--jobs", type=int, default=2, help="joblib n_jobs (loky worker processes)")
+    p.add_argument("--jobs", type=cli.int_at_least(1), default=2,
+                   help="joblib n_jobs (loky worker processes)")
     p.set_defaults(experiment="peers_kfold")
     return p
 
@@ -503,10 +506,8 @@ def joblib_parser() -> argparse.ArgumentParser:
 def joblib_main(argv: Sequence[str]) -> pd.DataFrame:
     from joblib import Parallel, __version__, delayed, parallel_config
 
-    args = joblib_parser().parse_args(list(argv))
+    args = cli.parse(joblib_parser(), argv)
     E = int(args.jobs)
-    if E < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {E}")
     _, y = cdata.load(args.dataset, "train", data_dir=args.data_dir, subset=args.subset)
     plan = kfold.fold_plan(y, args.folds, seed=args.seed, stratified=not args.no_stratify)
     cfg = fold_config(args, len(y), int(y.max()) + 1)
@@ -575,12 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown runner {name!r}; choose one of {', '.join(RUNNERS)}",
               file=sys.stderr)
         return 2
-    try:
-        RUNNERS[name](rest)
-    except TorchMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(RUNNERS[name], rest)  # a CnnError: "error: ..." and status 2
 
 
 if __name__ == "__main__":

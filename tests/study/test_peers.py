@@ -329,8 +329,8 @@ def test_a_failing_torch_hogwild_worker_is_named_and_nothing_hangs(tmp_path):
                           "2", "--dataset", "digits", "--subset", "200", "--epochs", "1",
                           "--lr", "1e12", "--no-progress"], capture_output=True, text=True,
                          timeout=300, env=pinned_env(1))
-    assert out.returncode != 0
-    assert "PeerRunError: worker" in out.stderr and "DivergenceError" in out.stderr
+    assert out.returncode == 2
+    assert "error: worker" in out.stderr and "DivergenceError" in out.stderr
 
 
 def test_joblib_kfold_gives_the_engines_per_fold_accuracies_bit_for_bit(tmp_path):
@@ -359,6 +359,9 @@ def test_peer_runner_cli_help_and_bad_runner():
     out = subprocess.run([sys.executable, "-m", "study.peer_runners", "ddp", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--workers" in out.stdout and "--batch-size" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "study.peer_runners", "joblib-kfold", "--jobs",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--jobs" in bad.stderr.splitlines()[-1]
 
 
 def test_family_cli_rejects_an_unknown_part(capsys):
