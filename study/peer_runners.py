@@ -378,7 +378,9 @@ def collect(results: Any, procs: Sequence[Any], kind: str, timeout: float | None
                                    f"{timeout:.0f} s") from None
             continue
         if what == "error":
-            raise PeerRunError(f"worker {w} failed:\n{payload}")
+            print(payload, file=sys.stderr, flush=True)  # the worker's traceback, then one line
+            last = payload.strip().splitlines()[-1] if payload.strip() else "no traceback"
+            raise PeerRunError(f"worker {w} failed: {last}")
         if what == kind:
             got[w] = payload
     return got
