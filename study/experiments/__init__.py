@@ -37,6 +37,15 @@ FAMILIES: dict[str, str] = {
 }
 
 
+def chosen_parts(family: str, parts: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """``parts`` (default: all of ``known``), refusing a part the family does not have."""
+    chosen = list(parts or known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {family} part(s) {unknown}; parts are {', '.join(known)}")
+    return chosen
+
+
 def load_saved(names: Sequence[str], scale: str = DEFAULT_SCALE) -> dict[str, pd.DataFrame]:
     """The family's saved frames that exist (a missing file is simply not measured yet)."""
     out = {}

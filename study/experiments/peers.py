@@ -44,7 +44,7 @@ from study import analysis, paths, schema
 from study.affinity import usable_cores
 from study.checks import compare
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved
 from study.experiments import hogwild as hw
 from study.experiments import kfold as kf
 from study.measure import (
@@ -384,10 +384,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Measure the chosen parts (project and peer interleaved), check, flag and save."""
     p = preset("peers", scale)
-    chosen = list(parts or PARTS)
-    unknown = sorted(set(chosen) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown peers part(s) {unknown}; parts are {', '.join(PARTS)}")
+    chosen = chosen_parts("peers", parts, PARTS)
     cores = len(usable_cores())
     session = new_session()
     frames = []
