@@ -26,8 +26,9 @@ PROMISES: dict[str, tuple[set[str], set[str]]] = {
                              {"mpi_speedup", "mpi_comm_split", "mpi_amortisation", "mpi_hybrid",
                               "mpi_accuracy", "mpi_costmodel_check",
                               "mpi_costmodel_extrapolation"}),
-    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs"},
-                               {"hogwild_speedup", "hogwild_accuracy", "kfold_speedup"}),
+    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs", "peers"},
+                               {"hogwild_speedup", "hogwild_accuracy", "kfold_speedup",
+                                "peers_throughput", "peers_ratio"}),
     "06_speedup_summary": (set(), {"summary_speedup", "summary_efficiency"}),
 }
 

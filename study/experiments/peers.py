@@ -1,4 +1,4 @@
-"""Peers (notebook 07): each strategy against what a user would pick instead, in one sitting.
+"""Peers (notebooks 04, 05): each strategy against what a user would pick instead, side by side.
 
     python -m study.experiments.peers --scale quick --parts ddp,kfold
 
@@ -439,7 +439,7 @@ def headlines(frames: Mapping[str, pd.DataFrame]) -> list[analysis.Headline]:
     for part in PARTS:
         key, what = HEADLINES[part]
         why = (torch_missing() if part in TORCH_PARTS else "") or (
-            f"{source} has no {EXPERIMENT[part]} rows: run notebook 07 "
+            f"{source} has no {EXPERIMENT[part]} rows: run notebooks 04 and 05 "
             "(python -m study.experiments.peers)")
         r = runs(d, part)
         measures = ("training", "end to end") if part == "kfold" else ("training",)

@@ -1,4 +1,4 @@
-"""The peers' figures (notebook 07, the report's "against what users would pick" part).
+"""The peers' figures (notebooks 04 and 05, the report's "against what users would pick" part).
 
 Designed for the report: `throughput` (samples/s vs workers, project and peer side by side
 with 95% CIs, one panel per part) and `ratio` (the ratio project/peer vs workers against
@@ -28,7 +28,7 @@ def _latest(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def _why(part: str) -> str:
     return ((pe.torch_missing() if part in pe.TORCH_PARTS else "")
-            or f"{pe.EXPERIMENT[part]} not measured yet (notebook 07)")
+            or f"{pe.EXPERIMENT[part]} not measured yet (notebooks 04 and 05)")
 
 
 def throughput(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: bool = True
@@ -64,7 +64,7 @@ def ratio(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: boo
     fig, axes = style.new_figure(2, height=3.0)
     if not len(rat):
         for ax in axes:
-            style.empty(ax, "peers not measured yet (notebook 07)")
+            style.empty(ax, "peers not measured yet (notebooks 04 and 05)")
         return style.finish(fig, axes, pe.runs(df), "", "peers_ratio", scale, save)
     tr = rat[rat["measure"] == "training"]
     for part, g in tr.groupby("part", sort=False):

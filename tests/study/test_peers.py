@@ -370,20 +370,21 @@ def test_family_cli_rejects_an_unknown_part(capsys):
     assert "unknown nope" in capsys.readouterr().err
 
 
-# --- the notebook, end to end at quick scale ----------------------------------------------
+# --- the family, end to end at quick scale ------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.mpi
 @needs_torch
-def test_notebook_07_measures_every_pair_at_quick_scale(tmp_path, monkeypatch):
-    from study import notebooks, paths
+def test_quick_run_measures_every_pair(tmp_path, monkeypatch):
+    from study import paths
 
     monkeypatch.setenv(paths.RESULTS_ENV, str(tmp_path / "results"))
     monkeypatch.setenv(paths.IMAGES_ENV, str(tmp_path / "images"))
     monkeypatch.setenv("MPLBACKEND", "agg")
-    src = paths.notebooks_dir() / "07_peers.ipynb"
-    run = notebooks.run_notebook(src, scale="quick", out=tmp_path / "07_peers.ipynb")
-    assert run.status == "ok", notebooks.failure_message(run)
+    frames = pe.run("quick", log=None)
+    from study.figures import peers as peers_figures
+
+    peers_figures.draw(frames, "quick")
     df = schema.load_file(tmp_path / "results" / "peers.pkl", strict=True)
     r = df[df["kind"] == "run"]
     assert sorted(zip(r["strategy"], r["workers"], strict=True)) == sorted(
