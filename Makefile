@@ -1,6 +1,6 @@
 # Entry points of the study. On a fresh machine (Python 3.11+, pip, make):
-#   make study   # run the six notebooks headless, then results/summary.json and report.pdf
-#   make test    # run the test suite
+#   make study   # the notebooks at standard scale, then summary.json, README table, report.pdf
+#   make test    # the test suite: fast tests, then the slow ones as their own step
 # Both create (or reuse) the virtualenv $(VENV) and install what they need into it.
 
 SHELL := /bin/bash
@@ -9,39 +9,36 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 PY = $(VENV)/bin/python
-# The interpreter that creates the venv (must be 3.11 or newer).
 PYTHON ?= python3
-# Extras installed into the venv: dev tools and the PyTorch twin the tests compare against.
-EXTRAS ?= dev,compare
-# Numba's on-disk JIT cache, shared by the test runs and the study.
+# dev tools, the PyTorch twin (compare) and Numba's CUDA target (cuda, installs without a GPU)
+EXTRAS ?= dev,compare,cuda
 NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 export NUMBA_CACHE_DIR
+export MPLBACKEND ?= agg
 
 PYTEST_ARGS ?=
-BASELINE_ARGS ?=
-# Study scale: quick (minutes, for tests) | standard (the committed study) | full (big hosts)
+# quick (minutes, under build/quick; never touches the committed study) | standard | full
 SCALE ?= standard
 STUDY_ARGS ?=
 
-# pip repeats "Location ... is ignored" for find-links folders that do not exist on
-# this machine; drop those lines but keep pip's exit status (pipefail).
 PIP_FILTER = { grep -v "is ignored" || true; }
 
-.PHONY: help install study summary report baseline test lint lab clean distclean
+.PHONY: help install study summary report baseline test test-fast test-slow test-browser \
+        lint lab gpu-check clean distclean
 
 help:
-	@echo "make study      run notebooks/01..06 headless, then results/summary.json and report.pdf"
-	@echo "                (make study SCALE=quick; STUDY_ARGS=\"--only 01,06\")"
-	@echo "make summary    regenerate results/summary.json from results/*.pkl and print it"
-	@echo "make report     rebuild report.pdf from results/summary.json and images/"
-	@echo "make test       run the tests (pytest)"
+	@echo "make study      notebooks 01..06 headless, then results/summary.json, README table, report.pdf"
+	@echo "                (make study SCALE=quick writes under build/quick; STUDY_ARGS=\"--only 01,06\")"
+	@echo "make summary    results/summary.json and the README's headline table"
+	@echo "make report     report.pdf from the saved results (refuses a dirty tree; --draft via STUDY_ARGS)"
 	@echo "make baseline   train the seed CNN on Fashion-MNIST (results/baseline_fashion_mnist.*)"
+	@echo "make test       the tests: fast ones, then the slow ones (both print the 20 slowest)"
+	@echo "make test-browser  JupyterLab in headless Chromium runs notebook 01"
 	@echo "make lint       ruff check"
 	@echo "make lab        JupyterLab on notebooks/"
+	@echo "make gpu-check  the whole GPU check on a CUDA machine (scripts/gpu_check.sh)"
 	@echo "make install    create/update $(VENV) with .[$(EXTRAS)]"
-	@echo "make clean      remove caches; make distclean also removes $(VENV)"
 
-# Stamp file: (re)install whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  || { echo "error: $(PYTHON) is older than 3.11; run e.g. 'make PYTHON=python3.11 ...'" >&2; exit 1; }
@@ -54,31 +51,37 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: test-fast test-slow
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" --durations=20 $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow --durations=20 $(PYTEST_ARGS)
+
+test-browser: $(VENV)/.installed
+	$(PY) -m pytest -q -m browser $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check $(wildcard cnn tests scripts notebooks)
+	$(VENV)/bin/ruff check cnn study tests scripts benchmarks notebooks
 
-# The sequential baseline of the study: seed CNN on Fashion-MNIST (about 7 min on 2 cores).
 baseline: $(VENV)/.installed
-	$(PY) -m cnn.train --backend numpy --dataset fashion-mnist --model seed_cnn --epochs 15 \
-	  --batch-size 64 --lr 0.05 --momentum 0.9 --weight-decay 5e-4 --schedule cosine \
-	  --seed 0 --experiment baseline_fashion_mnist --no-progress \
-	  --save-metrics results/baseline_fashion_mnist.pkl \
-	  --save-weights results/baseline_fashion_mnist.npz $(BASELINE_ARGS)
+	$(PY) -m study.experiments.baseline --parts train --scale $(SCALE)
 
 study: $(VENV)/.installed
-	$(PY) -m cnn.study --scale $(SCALE) $(STUDY_ARGS)
+	$(PY) -m study all --scale $(SCALE) $(STUDY_ARGS)
 
 summary: $(VENV)/.installed
-	$(PY) -m cnn.summary --print
+	$(PY) -m study summary --readme $(STUDY_ARGS)
 
 report: $(VENV)/.installed
-	$(PY) -m cnn.study report
+	$(PY) -m study report $(STUDY_ARGS)
 
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf .pytest_cache .ruff_cache .hypothesis .numba_cache build dist *.egg-info

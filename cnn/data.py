@@ -168,7 +168,7 @@ def load(
     (``download=True``) when missing. ``synthetic_kwargs`` (``n``, ``shape``,
     ``num_classes``, ``seed``) go to :func:`synthetic` and are refused elsewhere.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     split = _check_split(split)
     if synthetic_kwargs and key != "synthetic":
         raise TypeError(f"load({key!r}) takes no extra arguments {sorted(synthetic_kwargs)}")
@@ -221,7 +221,7 @@ def synthetic(
 
 def dataset_info(name: str) -> dict[str, Any]:
     """Shape, classes and sizes of a dataset, without loading it (a fresh dict)."""
-    key = _canonical(name)
+    key = canonical_name(name)
     info = dict(_INFO[key], name=key)
     info["classes"] = list(info["classes"])
     info["num_classes"] = len(info["classes"])
@@ -291,7 +291,7 @@ def dataset_files(
     name: str, split: str, data_dir: PathLike | None = None, download: bool = True
 ) -> list[Path]:
     """Paths of the verified files one split needs, downloading missing ones if allowed."""
-    key = _canonical(name)
+    key = canonical_name(name)
     paths = []
     for filename in FILES[key][_check_split(split)]:
         path = find_file(key, filename, data_dir)
@@ -405,7 +405,7 @@ def download_file(
     """
     from tqdm.auto import tqdm
 
-    key = _canonical(name)
+    key = canonical_name(name)
     expected = SHA256[key][filename] if expected_sha256 is None else expected_sha256
     good = (expected,) if isinstance(expected, str) else tuple(expected)
     base = mirror or os.environ.get(MIRROR_ENV) or MIRRORS[key]
@@ -683,7 +683,7 @@ def _n_and_labels(n_or_labels: int | np.ndarray | Sequence[Any]) -> tuple[int, n
 # --------------------------------------------------------------------------- small helpers
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Dataset key: case and ``_``/``-`` do not matter (``Fashion_MNIST``, ``CIFAR-10``)."""
     key = name.strip().lower().replace("_", "-")
     key = {"cifar-10": "cifar10", "fashionmnist": "fashion-mnist"}.get(key, key)

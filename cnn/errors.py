@@ -14,8 +14,22 @@ class DataError(CnnError, OSError):
 
 
 class DivergenceError(CnnError, FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss.
+
+    ``frame`` holds the rows of the epochs that completed before it (or None), so a CLI
+    can still save them with ``--save-metrics``.
+    """
+
+    frame = None
 
 
 class BackendUnavailable(CnnError, RuntimeError):
     """A backend was asked for that does not exist or cannot run here."""
+
+
+class UsageError(CnnError, ValueError):
+    """A flag, an output path or a resumed run that cannot work; the CLIs exit with status 2."""
+
+
+class CheckpointError(CnnError, ValueError):
+    """A checkpoint is missing, unreadable, of another format or of another run."""

@@ -43,6 +43,7 @@ COLUMNS: list[str] = [
     "final_loss",
     "host",
     "cpu",
+    "physical_cores",
     "gpu",
     "versions",
     "commit",
@@ -54,6 +55,7 @@ NUMERIC_COLUMNS: frozenset[str] = frozenset(
     {
         "processes",
         "threads",
+        "physical_cores",
         "batch_size",
         "epochs",
         "samples",
@@ -69,7 +71,8 @@ NUMERIC_COLUMNS: frozenset[str] = frozenset(
 )
 
 #: Columns filled from :func:`cnn.runinfo.run_info` when the caller leaves them out.
-MACHINE_COLUMNS: tuple[str, ...] = ("host", "cpu", "gpu", "versions", "commit", "timestamp")
+MACHINE_COLUMNS: tuple[str, ...] = ("host", "cpu", "physical_cores", "gpu", "versions", "commit",
+                                    "timestamp")
 
 
 def is_missing(value: Any) -> bool:
@@ -88,6 +91,11 @@ def _cpu_label(info: Mapping[str, Any]) -> str:
     return f"{model} ({physical if physical is not None else '?'} cores, {logical} threads)"
 
 
+def _physical_cores(info: Mapping[str, Any]) -> int | None:
+    counts = info.get("cpu_count") or {}
+    return counts.get("physical") or counts.get("logical")
+
+
 def make_row(**fields: Any) -> dict[str, Any]:
     """One result row: the given fields, every schema column present, machine facts filled.
 
@@ -104,6 +112,7 @@ def make_row(**fields: Any) -> dict[str, Any]:
     machine = {
         "host": info.get("host"),
         "cpu": _cpu_label(info) if info else None,
+        "physical_cores": _physical_cores(info) if info else None,
         "gpu": info.get("gpu"),
         "versions": info.get("versions"),
         "commit": info.get("commit"),

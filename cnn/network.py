@@ -9,6 +9,7 @@ HOGWILD worker maps one shared buffer and a parameter server sends one message.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,8 +178,13 @@ class Network:
         logits, _ = self._forward(self._check_x(x))
         return self.backend.to_host(logits)
 
-    def loss_and_grad(self, x, y) -> float:
-        """Mean softmax cross-entropy of the batch; fills ``grads`` (overwrites, never adds)."""
+    def loss_and_grad(self, x, y, on_layer: Callable[[int], None] | None = None) -> float:
+        """Mean softmax cross-entropy of the batch; fills ``grads`` (overwrites, never adds).
+
+        ``on_layer(i)`` runs right after layer ``i``'s backward, top layer first, so a
+        caller can start reducing the gradients of the layers done while the layers below
+        still run (``cnn.parallel.mpi --overlap``).
+        """
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
         logits, ctxs = self._forward(x)
@@ -187,11 +193,16 @@ class Network:
         while i >= self._first_param_layer:
             if i - 1 in self._fused_relu_pool:  # MaxPool2D i over ReLU i - 1
                 d = self.backend.maxpool2d_relu_backward(d, ctxs[i])
+                done = (i, i - 1)
                 i -= 2
-                continue
-            d = self.layers[i].backward(self.backend, d, ctxs[i], self._pviews[i],
-                                        self._gviews[i], need_dx=i > self._first_param_layer)
-            i -= 1
+            else:
+                d = self.layers[i].backward(self.backend, d, ctxs[i], self._pviews[i],
+                                            self._gviews[i], need_dx=i > self._first_param_layer)
+                done = (i,)
+                i -= 1
+            if on_layer is not None:
+                for j in done:
+                    on_layer(j)
         return float(loss)
 
     def evaluate(self, x, y, batch_size: int = 1000) -> tuple[float, float]:

@@ -3,17 +3,28 @@
 import math
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cnn import data
+from cnn.errors import DivergenceError
+from cnn.metrics import MACHINE_COLUMNS
 from cnn.parallel.hogwild import SHM_PREFIX, HogwildWorkerError, parse_args, run_hogwild
 from cnn.train import build_network, fit, make_training
 
+TIMING = {"wall_s", "compile_s", "step_ms_median", "step_ms_iqr", "samples_per_s", "startup_s",
+          "step_cpu_ms", "lock_wait_s", *MACHINE_COLUMNS}
 
-def _segments() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIX)}
+
+def _segments(pid: int | None = None) -> set[str]:
+    """This process's HOGWILD segments (the parent's pid is in the name), so tests running
+    in parallel do not see each other's."""
+    mine = f"{SHM_PREFIX}{os.getpid() if pid is None else pid}_"
+    return {f for f in os.listdir("/dev/shm") if f.startswith(mine)}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +83,88 @@ def test_two_workers_learn_digits_like_sequential(digits, lock):
         assert (df["overlap_frac"] == 0).all()
 
 
+@pytest.mark.parametrize("max_steps", [5, 30])
+def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path, max_steps):
+    """Before: both workers waited forever on the shared semaphore (a worker with an empty
+    shard took a second permit). One core makes the race deterministic. 22 steps/epoch:
+    5 ends inside epoch 1, 30 (the issue's command) inside epoch 2."""
+    m = tmp_path / "m.pkl"
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2",
+           "--dataset", "digits", "--max-steps", str(max_steps), "--batch-size", "64",
+           "--no-progress", "--save-metrics", str(m)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()  # taskset execs python: this is the HOGWILD parent; no-op once it ended
+    assert proc.returncode == 0, err
+    df = pd.read_pickle(m)
+    spe = math.ceil(len(data.load("digits", "train")[1]) / 64)
+    full, rest = divmod(max_steps, spe)
+    assert df["updates"].tolist() == [spe] * full + [rest]
+    assert df["step"].tolist() == [spe * (e + 1) for e in range(full)] + [max_steps]
+    assert df["complete_epoch"].tolist() == [True] * full + [False]
+    assert not _segments(proc.pid)
+
+
+def test_ctrl_c_stops_everything_and_cleans_up():
+    """Ctrl-C in a terminal interrupts the whole process group: parent and workers."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2", "--dataset",
+           "digits", "--epochs", "500", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _segments(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "never started"
+            time.sleep(0.05)
+        time.sleep(1.0)  # workers started and training
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert not _segments(proc.pid)
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits after it
+    while (left := subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True,
+                                  text=True).stdout) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == "", f"processes left in the session: {left}"
+
+
+def test_a_stalled_worker_is_named_by_the_epoch_timeout(digits):
+    """Before: no default timeout, and the message could blame the wrong worker."""
+    train, test = digits
+    args = parse_args(workers=2, epochs=2, batch_size=32, epoch_timeout=3)
+    with pytest.raises(HogwildWorkerError) as err:
+        run_hogwild(args, train, test, log=None, fault={"worker": 1, "step": 5, "kind": "stall"})
+    msg = str(err.value)
+    assert "worker 1 (pid" in msg and "has not finished epoch 1: 2 of its 22 updates" in msg
+    assert "worker 0" not in msg and "--epoch-timeout" in msg
+    assert parse_args([]).epoch_timeout == 1800.0
+
+
+def test_divergence_keeps_the_completed_epochs(digits):
+    (x, y), test = digits
+    train = (x[:320], y[:320])
+    args = parse_args(workers=1, epochs=3, batch_size=32, lr=0.05, seed=2, schedule="constant")
+    ref = run_hogwild(argparse_replace(args, epochs=1), train, test, log=None)
+    with pytest.raises(DivergenceError, match="loss became nan in worker 0 at epoch 2") as err:
+        run_hogwild(args, train, test, log=None, fault={"worker": 0, "step": 12, "kind": "nan"})
+    cols = [c for c in ref.columns if c not in TIMING]
+    pd.testing.assert_frame_equal(err.value.frame[cols], ref[cols])
+
+
+def argparse_replace(args, **kw):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
 @pytest.mark.parametrize("kind", ["raise", "exit"])
 def test_a_crashing_worker_ends_the_run_with_its_error(digits, kind):
     train, test = digits
@@ -91,9 +184,17 @@ def test_bad_arguments_are_refused_before_anything_starts(digits):
 
 
 def test_cli_writes_metrics(tmp_path):
+    """The saved frame is the run's: one lock-free worker against sequential training, which
+    it equals bit for bit (losses, accuracies), epoch by epoch."""
     from cnn.parallel.hogwild import main
 
     out = tmp_path / "h.pkl"
-    df = main(["--workers", "2", "--epochs", "1", "--subset", "256", "--batch-size", "32",
-               "--no-progress", "--save-metrics", str(out)])
-    assert out.exists() and len(df) == 1 and df["experiment"].iloc[0] == "hogwild"
+    df = main(["--workers", "1", "--sequential", "--epochs", "2", "--subset", "256",
+               "--test-subset", "100", "--batch-size", "32", "--no-progress",
+               "--save-metrics", str(out)])
+    pd.testing.assert_frame_equal(pd.read_pickle(out), df)
+    seq, hog = (df[df["strategy"] == s].reset_index(drop=True) for s in ("sequential", "hogwild"))
+    assert len(seq) == len(hog) == 2 and (df["experiment"] == "hogwild").all()
+    for col in ("epoch", "samples", "train_loss", "test_loss", "test_acc"):
+        assert seq[col].tolist() == hog[col].tolist(), col
+    assert hog["samples"].tolist() == [256, 512] and hog["updates"].tolist() == [8, 8]

@@ -1,5 +1,6 @@
 """Async K-fold: folds partition the data, engines give the serial numbers, dead engines fail."""
 
+import tempfile
 import time
 
 import numpy as np
@@ -42,14 +43,23 @@ def test_every_fold_has_its_own_fixed_seed():
     assert [fold_seed(7, k) for k in range(4)] == [7, 8, 9, 10]
 
 
-def test_serial_and_engines_give_identical_folds():
+def test_serial_and_engines_give_identical_folds(tmp_path, monkeypatch):
+    """Each fold trains to the same weights and accuracy in this process and on an engine;
+    the engine run leaves no ipyparallel files behind (before: one engines*.json in
+    ~/.ipython/profile_default/log per run)."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     args = parse_args(**SMALL)
     ser = run_kfold(args, serial=True, progress=False, log=None, cpu_interval=0.2)
     par = run_kfold(args, engines=2, progress=False, log=None, cpu_interval=0.2, timeout=120)
     f_ser, f_par = (d[d["kind"] == "fold"].reset_index(drop=True) for d in (ser, par))
     assert f_ser["fold"].tolist() == f_par["fold"].tolist() == [0, 1, 2, 3]
-    for col in ("fold_seed", "test_acc", "test_loss", "final_loss", "samples", "val_size"):
+    for col in ("fold_seed", "weights_sha256", "test_acc", "test_loss", "final_loss",
+                "acc_history", "samples", "val_size"):
         assert f_ser[col].tolist() == f_par[col].tolist(), col
+    assert f_ser["weights_sha256"].nunique() == 4  # four different trainings, not one
     assert f_par["pid"].nunique() == 2 and set(f_par["engine"]) == {0, 1}
     r_ser, r_par = (d[d["kind"] == "run"].iloc[0] for d in (ser, par))
     assert r_ser["strategy"] == "sequential" and r_par["strategy"] == "kfold"
@@ -58,9 +68,17 @@ def test_serial_and_engines_give_identical_folds():
     assert len(r_par["cpu_busy"]) >= 1 and len(r_par["cpu_samples"]) >= 1
     table = accuracy_table(pd.concat([ser, par]))
     assert list(table.columns) == ["serial", "2 engine(s)"]
+    assert table.loc["fold 2", "serial"] == f_ser["test_acc"].iloc[2]
     assert table.loc["mean +- std", "serial"] == table.loc["mean +- std", "2 engine(s)"]
-    sp = speedup_table(pd.concat([ser, par]))
-    assert sp["speedup_vs_serial"].iloc[0] == 1.0
+    sp = speedup_table(pd.concat([ser, par])).set_index("run")
+    assert sp.loc["2 engine(s)", "speedup_vs_serial"] == pytest.approx(
+        r_ser["wall_s"] / r_par["wall_s"])
+    assert sp.loc["2 engine(s)", "wall_s"] == r_par["wall_s"]
+    # IPython's profile skeleton (profile_default/startup/README) is made once by any
+    # IPython app; nothing per run (engines*.json, logs, connection files) may remain
+    left = [p for d in (tmp_path / "ipython", scratch) for p in d.rglob("*")
+            if p.is_file() and p.relative_to(d).parts[-2:] != ("startup", "README")]
+    assert not left, left
 
 
 def test_a_dead_engine_fails_the_run_quickly():

@@ -3,6 +3,7 @@ the job, mismatched flags are caught. Tiny data (digits subsets) and few steps t
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,22 +21,38 @@ from cnn.parallel.mpi import (
     Bucket,
     build_parser,
     compare_flags,
-    loss_and_grad_hooked,
     make_buckets,
     shard_bounds,
 )
 from cnn.train import main as train_main
 
 
+def _mpich_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("mpich_*")} if shm.is_dir() else set()
+
+
+def _mapped_segments() -> set[str]:
+    """Names of /dev/shm files some live process maps (another job's, still running)."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        names.update(m.group(1) for m in re.finditer(r"/dev/shm/(mpich_\S+)", text))
+    return names
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_shm_segments():
-    """A rank killed or aborted on purpose cannot unlink MPICH's shared-memory segment;
-    the test that caused it removes what it left, so a test run leaves /dev/shm clean."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()
+    """Nothing a test's MPI job creates may stay in /dev/shm, however it ended (before: a
+    killed or aborted rank left mpich_shm_* behind). A new segment that a live process
+    still maps belongs to another job running meanwhile, not to this test."""
+    before = _mpich_segments()
     yield
-    for seg in (set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()) - before:
-        seg.unlink(missing_ok=True)
+    leaked = _mpich_segments() - before - _mapped_segments()
+    assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
 
 
 def _mpiexec() -> str | None:
@@ -61,7 +78,7 @@ def mpirun(n: int, args: list[str], timeout: float = 120, cwd: Path | None = Non
         for i, block in enumerate(mpmd):
             cmd += ([":"] if i else []) + ["-n", "1", *PROG, *block]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -97,12 +114,14 @@ def test_buckets_cover_the_gradient_buffer_backwards():
     assert make_buckets(net, 1)[0] == Bucket(9, net.slot("9.weight").offset, net.num_params)
 
 
-def test_hooked_backward_is_loss_and_grad():
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_hooked_backward_is_loss_and_grad(backend):
     (x, y) = data.load("digits", "train", subset=24)
-    a, b = seed_cnn((1, 8, 8), padding=1, seed=1), seed_cnn((1, 8, 8), padding=1, seed=1)
+    a = seed_cnn((1, 8, 8), padding=1, seed=1, backend=backend)
+    b = seed_cnn((1, 8, 8), padding=1, seed=1, backend=backend)
     seen = []
     la = a.loss_and_grad(x, y)
-    lb = loss_and_grad_hooked(b, x, y, seen.append)
+    lb = b.loss_and_grad(x, y, on_layer=seen.append)
     assert la == lb
     np.testing.assert_array_equal(a.grads, b.grads)
     assert seen == list(range(9, -1, -1))
@@ -114,6 +133,10 @@ def test_flag_comparison_and_parser():
     b = vars(p.parse_args(["--lr", "0.2", "--seed", "1"]))
     assert compare_flags(a, b) == ["lr", "seed"]
     assert p.parse_args([]).experiment == "mpi"
+    # before: "--lr is nan on rank 0 but nan on rank 1" (NaN never equals itself)
+    nan = float("nan")
+    assert compare_flags({**a, "lr": nan}, {**a, "lr": nan}) == []
+    assert compare_flags({**a, "lr": nan}, {**a, "lr": 0.1}) == ["lr"]
 
 
 # --- real ranks --------------------------------------------------------------------------
@@ -222,3 +245,63 @@ def test_mismatched_flags_and_bad_arguments_are_reported():
     assert proc.returncode == 2 and "needs at least 2 ranks" in proc.stderr
     proc = _ok(mpirun(2, ["--help"], timeout=60))
     assert proc.stdout.count("usage:") == 1 and "--sync-every" in proc.stdout
+    # flags are validated as they are parsed: one line, status 2, before any data loads
+    proc = mpirun(2, [*base, "--lr", "nan"], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: bad arguments on every rank: argument --lr: must be a finite number > 0, "
+        "got nan (see --help)")
+    proc = mpirun(2, [*base, "--save-metrics", "/proc/m.pkl"], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "error: --save-metrics /proc/m.pkl: cannot create files in /proc")
+    assert "ranks:" not in proc.stdout  # refused before the data was loaded
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_ranks_with_different_data_are_refused(tmp_path):
+    """One node reading other files than the rest: the data digests differ."""
+    skew = tmp_path / "skewed_rank.py"
+    skew.write_text(
+        "import sys\n"
+        "import cnn.data as d\n"
+        "real = d.load\n"
+        "d.load = lambda *a, **k: (lambda xy: (xy[0] * 0.5, xy[1]))(real(*a, **k))\n"
+        "from cnn.parallel.mpi import run_or_abort\n"
+        "sys.exit(run_or_abort(sys.argv[1:]))\n")
+    base = [*COMMON, "--batch-size", "16", "--max-steps", "2"]
+    cmd = [MPIEXEC, "-n", "1", *PROG, *base, ":", "-n", "1", sys.executable, str(skew), *base]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    digests = re.search(r"ranks loaded different data \(digest per rank: \['(\w+)', '(\w+)'\]\)",
+                        proc.stderr)
+    assert digests and digests[1] != digests[2], proc.stderr
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_hybrid_ranks_times_threads_equal_one_process(sequential, tmp_path):
+    """2 ranks x 1 Numba thread each (the hybrid layout at its smallest) = one process."""
+    w = tmp_path / "w.npz"
+    proc = _ok(mpirun(2, [*COMMON, "--batch-size", "16", "--backend", "numba", "--threads",
+                          "1", "--save-weights", str(w)], timeout=300))
+    assert rel_err(w, sequential["momentum"]) < 1e-4
+    assert "backend numba" in proc.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_divergence_ends_the_job_and_keeps_the_completed_epochs(tmp_path):
+    """Before: the completed epochs were lost. 193 samples / 32 = 7 steps per epoch."""
+    m, ref = tmp_path / "m.pkl", tmp_path / "ref.pkl"
+    args = [*COMMON, "--batch-size", "16", "--schedule", "constant"]
+    _ok(mpirun(2, [*args, "--save-metrics", str(ref)]))
+    proc = mpirun(2, [*args, "--epochs", "3", "--save-metrics", str(m),
+                      "--inject-failure", "0:10:nan"], timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert ("rank 0 failed: DivergenceError: loss became nan at epoch 2, step 10" in
+            proc.stderr and f"The 1 row(s) completed before it are in {m}" in proc.stderr)
+    assert "Traceback" not in proc.stderr
+    got, want = pd.read_pickle(m), pd.read_pickle(ref)
+    for col in ("epoch", "step", "samples", "train_loss", "test_loss", "test_acc", "lr"):
+        assert got[col].tolist() == want[col].tolist(), col

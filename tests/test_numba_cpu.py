@@ -407,13 +407,123 @@ def test_pooled_outputs_are_never_shared_with_live_arrays():
     np.testing.assert_array_equal(y3, keep)
 
 
-def test_recycled_outputs_stay_within_the_pool_budget(monkeypatch):
+@pytest.fixture
+def small_pool(monkeypatch):
+    """A fresh view of the process-wide pool under a small cap (free arrays dropped first)."""
+    NB.release_pool()
     monkeypatch.setattr(NB, "POOL_BYTES", 4 << 20)
-    pool = NB._Pool()
-    held = [pool.take((256, 1024 + i), np.dtype(np.float32)) for i in range(3)]  # 1 MB each
+    yield
+    NB.release_pool()
+
+
+def _held(stats):
+    assert stats["held_bytes"] == stats["bytes"], stats  # the bookkeeping is exact
+    return stats["bytes"]
+
+
+def test_recycled_outputs_stay_within_the_pool_budget(small_pool):
+    rng = np.random.default_rng(0)
+    held = [NB.relu_forward(rng.standard_normal((256, 1024 + i), np.float32))[0]
+            for i in range(3)]  # 1 MB each, kept by the caller
     for i in range(20):
-        pool.take((512, 1024 + i), np.dtype(np.float32))  # 2 MB each, dropped at once
-        assert pool.nbytes <= 4 << 20
+        NB.relu_forward(rng.standard_normal((512, 1024 + i), np.float32))  # 2 MB, dropped
+        assert _held(NB.pool_stats()) <= 4 << 20
     for a in held:  # arrays still in use are never dropped from under their owner
         a[...] = 1
-    assert sum(a.nbytes for arrays in pool.arrays.values() for a in arrays) == pool.nbytes
+
+
+def test_a_request_larger_than_the_cap_drops_nothing(small_pool):
+    """A step with one array over the cap must not empty the pool each time: it did, and
+    then every other array of the step was allocated (and page-faulted) again on every call.
+    """
+    small = np.ones((256, 1024), np.float32)  # 1 MB: fits
+    big = np.ones((2048, 1024), np.float32)  # 8 MB: over the 4 MB cap
+    misses = []
+    for _ in range(5):
+        ys = NB.relu_forward(small)[0]
+        del ys  # free: the pool may hand it out again
+        yb = NB.relu_forward(big)[0]
+        del yb
+        misses.append(NB.pool_stats()["misses"])
+    # once both shapes are known only the big array misses (it can never be pooled)
+    assert np.diff(misses).tolist()[1:] == [1, 1, 1], misses
+    assert _held(NB.pool_stats()) == small.nbytes
+
+
+def test_pool_stays_under_its_cap_across_large_shapes(monkeypatch):
+    """Training steps at several shapes whose arrays together exceed the cap: the pool
+    (outputs and kernel scratch, counted by its own bookkeeping) never holds more than the
+    cap, drops the least recently used shapes, and a workload that fits allocates nothing
+    from its second step on."""
+    from cnn.models import seed_cnn
+
+    NB.release_pool()
+    cap = 32 << 20
+    monkeypatch.setattr(NB, "POOL_BYTES", cap)
+    rng = np.random.default_rng(0)
+    try:
+        for batch in (48, 56, 64, 40):  # each step holds 19-28 MB of pooled arrays
+            net = seed_cnn((3, 32, 32), backend="numba", threads=2)
+            x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+            y = rng.integers(0, 10, batch)
+            for _ in range(3):
+                net.loss_and_grad(x, y)
+                assert _held(NB.pool_stats()) <= cap
+            before = NB.pool_stats()["misses"]
+            net.loss_and_grad(x, y)
+            assert NB.pool_stats()["misses"] == before  # no new allocation in steady state
+        # a small workload after the big ones: no growth, nothing allocated per step
+        net = seed_cnn((1, 8, 8), padding=1, backend="numba", threads=2)
+        x, y = rng.standard_normal((32, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 32)
+        net.loss_and_grad(x, y)
+        stats = NB.pool_stats()
+        net.loss_and_grad(x, y)
+        after = NB.pool_stats()
+        assert after["misses"] == stats["misses"] and after["bytes"] == stats["bytes"]
+    finally:
+        NB.release_pool()
+
+
+def test_idle_shapes_are_dropped_and_a_repeating_workload_keeps_its_arrays(monkeypatch):
+    """After one configuration, steps of another release the first one's arrays once they
+    have been idle for POOL_IDLE_TAKES requests, instead of keeping them up to the cap;
+    the running configuration, which requests its shapes every step, loses nothing."""
+    from cnn.models import seed_cnn
+
+    monkeypatch.setattr(NB, "POOL_IDLE_TAKES", 64)  # a seed CNN step makes ~25 requests
+    rng = np.random.default_rng(0)
+
+    def steps(shape, batch, times):
+        net = seed_cnn(shape, backend="numba", threads=2)
+        x = rng.standard_normal((batch, *shape)).astype(np.float32)
+        y = rng.integers(0, 10, batch)
+        misses = []
+        for _ in range(times):
+            net.loss_and_grad(x, y)
+            misses.append(NB.pool_stats()["misses"])
+        return np.diff(misses).tolist()
+
+    try:
+        NB.release_pool()
+        steps((1, 28, 28), 48, 2)
+        alone = NB.pool_stats()["bytes"]
+        NB.release_pool()
+        steps((3, 32, 32), 96, 2)  # another configuration first (~32 MB)
+        assert NB.pool_stats()["bytes"] > alone + (8 << 20)
+        assert steps((1, 28, 28), 48, 8) == [0] * 7  # nothing of its own is ever dropped
+        assert _held(NB.pool_stats()) == alone  # the other configuration's arrays are gone
+    finally:
+        NB.release_pool()
+
+
+def test_pool_cap_from_the_environment():
+    code = "from cnn.backends import numba_cpu as B; print(B.POOL_BYTES)"
+    for value, ok in (("12", True), ("-3", False), ("lots", False)):
+        env = {**os.environ, NB.POOL_ENV: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        if ok:
+            assert out.returncode == 0 and int(out.stdout) == 12 << 20, out.stderr[-2000:]
+        else:
+            assert out.returncode != 0
+            assert f"{NB.POOL_ENV} must be a whole number of MiB" in out.stderr

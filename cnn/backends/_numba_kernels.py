@@ -10,6 +10,9 @@ Matrix products call BLAS (scipy's ``cython_blas`` sgemm/dgemm) through Numba's 
 ``numba_xxgemm`` helper, referenced by symbol name so the on-disk cache stays valid
 across processes (a ctypes pointer would be a "dynamic global" and forbid caching).
 The caller pins BLAS to one thread, so BLAS never oversubscribes the prange threads.
+
+Per-image and per-row helpers (``conv_fwd_image``, ``pool_row22``, ``unpool_plane``, ...)
+are public: the kernel ladder (``benchmarks/kernels/``) builds its versions from them.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 # --- convolution ---------------------------------------------------------------------
 
 @_jit()
-def _out_range(kj, s, p, w, ow_n):
+def out_range(kj, s, p, w, ow_n):
     """``[lo, hi)`` of output columns whose input column ``ow*s + kj - p`` lies in ``[0, w)``."""
     d = p - kj
     lo = (d + s - 1) // s if d > 0 else 0
@@ -108,7 +111,7 @@ def im2col(xn, k, s, p, oh_n, ow_n, cols):
         for ki in range(k):
             for kj in range(k):
                 row = cols[(c * k + ki) * k + kj]
-                lo, hi = _out_range(kj, s, p, w, ow_n)
+                lo, hi = out_range(kj, s, p, w, ow_n)
                 ulo, uhi = U(lo), U(hi)
                 for oh in range(oh_n):
                     ih = oh * s + ki - p
@@ -143,7 +146,7 @@ def col2im(dcols, k, s, p, oh_n, ow_n, dxn):
         for ki in range(k):
             for kj in range(k):
                 row = dcols[(c * k + ki) * k + kj]
-                lo, hi = _out_range(kj, s, p, w, ow_n)
+                lo, hi = out_range(kj, s, p, w, ow_n)
                 if hi == lo:
                     continue
                 n = U(hi - lo)
@@ -230,13 +233,13 @@ def shift_col2im(dcols, k, p, oh_n, wp, dxpad, dxn):
 
 
 @_jit()
-def _fill(a, v):
+def fill(a, v):
     for i in range(a.size):
         a[i] = v
 
 
 @_jit()
-def _conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp, relu):
+def conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp, relu):
     """Stride 1: y = [W | b] @ [shift_cols; 1] on the padded width, then the garbage
     columns are dropped while copying into y (applying the ReLU there if ``relu``).
     The bias rides in the GEMM (row of ones)."""
@@ -261,7 +264,7 @@ def _conv_fwd_image_s1(xn, wb, k, p, oh_n, ow_n, yn, ct, xp, yp, relu):
 
 
 @_jit()
-def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, relu):
+def conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, relu):
     """Any stride: y = [W | b] @ [im2col; 1], straight into y (then ReLU'd in place while
     still in cache, if ``relu``)."""
     o = wb.shape[0]
@@ -270,11 +273,11 @@ def _conv_fwd_image(xn, wb, k, s, p, oh_n, ow_n, yn, ct, relu):
     im2col(xn, k, s, p, oh_n, ow_n, ct)
     gemm(N_, N_, o, ln, ckk1, 1.0, wb, ckk1, ct, ln, 0.0, yn, ln)
     if relu:
-        _relu_inplace(yn.reshape(-1))
+        relu_inplace(yn.reshape(-1))
 
 
 @_jit()
-def _relu_inplace(a):
+def relu_inplace(a):
     zero = a.dtype.type(0)
     for i in range(a.size):
         v = a[i]
@@ -289,9 +292,9 @@ def conv2d_forward_s1(x, wb, k, p, oh_n, ow_n, y, cols, xpad, ypad, relu):
     workers = cols.shape[0]
     ckk = wb.shape[1] - 1
     for t in prange(workers):
-        _fill(cols[t, ckk], 1.0)
+        fill(cols[t, ckk], 1.0)
         for n in range(t * n_img // workers, (t + 1) * n_img // workers):
-            _conv_fwd_image_s1(x[n], wb, k, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t],
+            conv_fwd_image_s1(x[n], wb, k, p, oh_n, ow_n, y[n], cols[t], xpad[t], ypad[t],
                                relu)
 
 
@@ -302,13 +305,13 @@ def conv2d_forward(x, wb, k, s, p, oh_n, ow_n, y, cols, relu):
     workers = cols.shape[0]
     ckk = wb.shape[1] - 1
     for t in prange(workers):
-        _fill(cols[t, ckk], 1.0)
+        fill(cols[t, ckk], 1.0)
         for n in range(t * n_img // workers, (t + 1) * n_img // workers):
-            _conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t], relu)
+            conv_fwd_image(x[n], wb, k, s, p, oh_n, ow_n, y[n], cols[t], relu)
 
 
 @_jit()
-def _conv_bwd_image_s1(xn, dyn, w2, k, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct, xp,
+def conv_bwd_image_s1(xn, dyn, w2, k, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct, xp,
                        dt):
     """One image's share, stride 1: dwc ((CKK+1) x O) += [cols; 1] @ dy^T (the last row
     is db), dxn = col2im(W^T @ dy) if need_dx; dy is laid out on the padded width (dt),
@@ -331,8 +334,8 @@ def _conv_bwd_image_s1(xn, dyn, w2, k, p, oh_n, ow_n, first, dwc, need_dx, dxn, 
 
 
 @_jit()
-def _conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct):
-    """As ``_conv_bwd_image_s1`` for any stride, with the plain im2col / col2im."""
+def conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, ct, dct):
+    """As ``conv_bwd_image_s1`` for any stride, with the plain im2col / col2im."""
     o = w2.shape[0]
     ckk = w2.shape[1]
     ln = oh_n * ow_n
@@ -344,7 +347,7 @@ def _conv_bwd_image(xn, dyn, w2, k, s, p, oh_n, ow_n, first, dwc, need_dx, dxn, 
 
 
 @_jit()
-def _zero2(a):
+def zero2(a):
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
             a[i, j] = 0
@@ -359,11 +362,11 @@ def conv2d_backward_s1(x, dy, w2, k, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, ne
     workers = cols.shape[0]
     ckk = w2.shape[1]
     for t in prange(workers):
-        _fill(cols[t, ckk], 1.0)
-        _zero2(dyp[t])
+        fill(cols[t, ckk], 1.0)
+        zero2(dyp[t])
         for c in range(worker_lo[t], worker_lo[t + 1]):
             for n in range(chunk_lo[c], chunk_lo[c + 1]):
-                _conv_bwd_image_s1(x[n], dy[n], w2, k, p, oh_n, ow_n, n == chunk_lo[c],
+                conv_bwd_image_s1(x[n], dy[n], w2, k, p, oh_n, ow_n, n == chunk_lo[c],
                                    dwp[c], need_dx, dx[n if need_dx else 0], cols[t],
                                    dcols[t], xpad[t], dyp[t])
 
@@ -375,10 +378,10 @@ def conv2d_backward(x, dy, w2, k, s, p, oh_n, ow_n, chunk_lo, worker_lo, dwp, ne
     workers = cols.shape[0]
     ckk = w2.shape[1]
     for t in prange(workers):
-        _fill(cols[t, ckk], 1.0)
+        fill(cols[t, ckk], 1.0)
         for c in range(worker_lo[t], worker_lo[t + 1]):
             for n in range(chunk_lo[c], chunk_lo[c + 1]):
-                _conv_bwd_image(x[n], dy[n], w2, k, s, p, oh_n, ow_n, n == chunk_lo[c],
+                conv_bwd_image(x[n], dy[n], w2, k, s, p, oh_n, ow_n, n == chunk_lo[c],
                                 dwp[c], need_dx, dx[n if need_dx else 0], cols[t],
                                 dcols[t])
 
@@ -406,7 +409,7 @@ def _reduce_t_row(parts, dw, db, oc):
 # --- pooling -------------------------------------------------------------------------
 
 @_jit()
-def _pool_row22(r0, r1, yr, ar, ow_n):
+def pool_row22(r0, r1, yr, ar, ow_n):
     """2x2 stride-2 windows along one output row; the first maximum wins, a NaN wins."""
     for ow in range(ow_n):
         best = r0[2 * ow]
@@ -428,7 +431,7 @@ def _pool_row22(r0, r1, yr, ar, ow_n):
 
 
 @_jit()
-def _pool_row(xp, oh, k, s, yr, ar, ow_n):
+def pool_row(xp, oh, k, s, yr, ar, ow_n):
     """Any k, s: window offsets outside, a vectorisable pass over the output row inside."""
     r = xp[oh * s]
     for ow in range(ow_n):
@@ -461,14 +464,14 @@ def maxpool2d_forward(x, k, s, y, arg):
         ap = arg[n, c]
         if k == 2 and s == 2:
             for oh in range(oh_n):
-                _pool_row22(xp[2 * oh], xp[2 * oh + 1], yp[oh], ap[oh], ow_n)
+                pool_row22(xp[2 * oh], xp[2 * oh + 1], yp[oh], ap[oh], ow_n)
         else:
             for oh in range(oh_n):
-                _pool_row(xp, oh, k, s, yp[oh], ap[oh], ow_n)
+                pool_row(xp, oh, k, s, yp[oh], ap[oh], ow_n)
 
 
 @_jit()
-def _unpool_plane(dyp, ap, s, offs, dxp, yp, relu):
+def unpool_plane(dyp, ap, s, offs, dxp, yp, relu):
     """dx = 0, then each dy goes to its window's argmax; ``offs[off]`` = ki*W + kj (a table
     lookup: an integer division by k per element cost 2x the whole kernel). With ``relu``
     a dy whose pooled value yp is not > 0 is dropped: the preceding ReLU's backward."""
@@ -497,7 +500,7 @@ def maxpool2d_backward(dy, arg, s, offs, dx, y, relu):
     for pc in prange(n_img * cin):
         n = pc // cin
         c = pc - n * cin
-        _unpool_plane(dy[n, c], arg[n, c], s, offs, dx[n, c], y[n, c], relu)
+        unpool_plane(dy[n, c], arg[n, c], s, offs, dx[n, c], y[n, c], relu)
 
 
 # --- elementwise (flat views; no reductions, so any split is deterministic) ----------

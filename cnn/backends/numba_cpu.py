@@ -45,6 +45,11 @@ from cnn.backends import _numba_kernels as K
 from cnn.backends.numpy_seq import copy_into, device_name, from_host, to_host, zeros  # noqa: F401
 from cnn.errors import BackendUnavailable, ShapeError
 
+#: The jitted kernels behind this module, public for the kernel ladder
+#: (``benchmarks/kernels/``), whose intermediate versions call the same BLAS and im2col
+#: helpers and whose production rungs are this module's own functions.
+kernels = K
+
 NAME = "numba"
 DESCRIPTION = "Numba CPU, prange over images/blocks, im2col + per-thread BLAS sgemm"
 
@@ -57,17 +62,42 @@ DENSE_BLOCKS = 12
 #: Elementwise items (or GEMM FLOPs / 32) a thread must get before a kernel wakes it.
 MIN_WORK = 1 << 18
 
-#: Outputs at least this big are recycled (see ``_out``), at most this many per shape
-#: and ``POOL_BYTES`` in all per Python thread (the seed CNN at batch 128 needs ~70 MB).
+#: Arrays at least this big (outputs and kernel scratch) are recycled through one
+#: process-wide pool (see ``_Pool``), at most this many per shape.
 _POOL_MIN_BYTES = 1 << 16
 _POOL_PER_SHAPE = 6
-POOL_BYTES = 256 << 20
+#: Default cap on the bytes the pool holds (in use or free, all shapes, all Python threads).
+POOL_BYTES_DEFAULT = 1 << 30
+POOL_ENV = "CNN_NUMBA_POOL_MB"
+#: A shape not requested in this many poolable requests (about 40 training steps of the
+#: seed CNN) is idle: its free arrays are dropped, so a finished workload's arrays (a big
+#: evaluation, an earlier configuration) do not sit in memory up to the cap.
+POOL_IDLE_TAKES = 1024
+
+
+def _pool_limit_from_env() -> int:
+    raw = os.environ.get(POOL_ENV, "").strip()
+    if not raw:
+        return POOL_BYTES_DEFAULT
+    try:
+        mib = int(raw)
+        if mib < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{POOL_ENV} must be a whole number of MiB >= 0 (the numba backend's "
+                         f"recycled-array cap), got {raw!r}; unset it for the default "
+                         f"{POOL_BYTES_DEFAULT >> 20}") from None
+    return mib << 20
+
+
+#: The cap on the pool's bytes (``CNN_NUMBA_POOL_MB`` sets it, default 1 GiB): a step whose
+#: arrays fit runs without allocating; arrays beyond it are allocated fresh on every call.
+POOL_BYTES = _pool_limit_from_env()
 
 _blas_limiter = None
 _blas_libs: list = []  # threadpoolctl controllers of every BLAS loaded at configure()
 _get_threads = None
 _set_threads = None
-_scratch = threading.local()
 
 
 # --- availability and threads ----------------------------------------------------------
@@ -212,68 +242,137 @@ def _bind_thread_count_accessors() -> None:
 
 
 class _Pool:
-    """Recycled output arrays of one Python thread: ``{(shape, dtype): [arrays]}`` in
-    least-recently-used key order, at most ``POOL_BYTES`` in all."""
+    """Recycled arrays of the whole process: ``{(shape, dtype): [arrays]}`` with keys in
+    least-recently-used order, holding at most ``POOL_BYTES`` in all (in use or free).
+
+    An array is handed out again only when the pool's list is its last reference (any
+    view or reference elsewhere blocks reuse), so callers never share one. A request that
+    cannot fit even after dropping every free array is allocated without pooling and
+    drops nothing: a request larger than the cap used to empty the pool, so a step with
+    one such array re-allocated (and page-faulted) all of its arrays on every call. Every
+    ``POOL_IDLE_TAKES`` requests, the free arrays of shapes not requested since the last
+    such sweep are dropped; a workload that repeats its shapes keeps all of its arrays."""
 
     def __init__(self):
         self.arrays: dict[tuple, list[np.ndarray]] = {}
+        self.last: dict[tuple, int] = {}  # request count at each shape's last request
+        self.takes = 0
         self.nbytes = 0
+        self.misses = 0  # poolable requests that found no free array
+        self.lock = threading.Lock()
 
     def take(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        if math.prod(shape) * dtype.itemsize < _POOL_MIN_BYTES:
+            return np.empty(shape, dtype)
         key = (shape, dtype.str)
-        arrays = self.arrays.pop(key, [])
-        self.arrays[key] = arrays  # most recently used key last
-        for i in range(len(arrays) - 1, -1, -1):
-            # references: the list, and getrefcount's own argument
-            if sys.getrefcount(arrays[i]) == 2:
-                a = arrays.pop(i)
-                arrays.append(a)  # most recently handed out last: likely still in cache
-                return a
-        a = np.empty(shape, dtype)
-        if a.nbytes >= _POOL_MIN_BYTES and len(arrays) < _POOL_PER_SHAPE:
-            self._make_room(a.nbytes)
-            if self.nbytes + a.nbytes <= POOL_BYTES:
+        with self.lock:
+            self.takes += 1
+            if self.takes % POOL_IDLE_TAKES == 0:
+                self._drop_idle()
+            self.last[key] = self.takes
+            arrays = self.arrays.pop(key, [])
+            self.arrays[key] = arrays  # most recently used key last
+            for i in range(len(arrays) - 1, -1, -1):
+                # references: the list, and getrefcount's own argument
+                if sys.getrefcount(arrays[i]) == 2:
+                    a = arrays.pop(i)
+                    arrays.append(a)  # most recently handed out last: likely still in cache
+                    return a
+            self.misses += 1
+            a = np.empty(shape, dtype)
+            if len(arrays) < _POOL_PER_SHAPE and self._make_room(a.nbytes):
                 arrays.append(a)
                 self.nbytes += a.nbytes
-        return a
+            return a
 
-    def _make_room(self, nbytes: int) -> None:
-        """Drop free arrays of the least recently used shapes until ``nbytes`` fit."""
-        for key in list(self.arrays):
-            if self.nbytes + nbytes <= POOL_BYTES:
-                return
+    def _free_bytes(self) -> int:
+        return sum(a.nbytes for arrays in self.arrays.values() for a in arrays
+                   if sys.getrefcount(a) == 3)  # the list, the loop variable, the argument
+
+    def _drop_free(self, excess: float, keys: list[tuple] | None = None) -> int:
+        """Drop free arrays of ``keys`` (default: all, least recently used first) until
+        ``excess`` bytes are gone or none is left; returns the bytes dropped."""
+        dropped = 0
+        for key in list(self.arrays) if keys is None else keys:
             arrays = self.arrays[key]
             for i in range(len(arrays) - 1, -1, -1):
+                if dropped >= excess:
+                    break
                 if sys.getrefcount(arrays[i]) == 2:
-                    self.nbytes -= arrays.pop(i).nbytes
-            if not arrays:
+                    dropped += arrays.pop(i).nbytes
+            if dropped >= excess:
+                break
+        self.nbytes -= dropped
+        return dropped
+
+    def _drop_idle(self) -> None:
+        """Forget shapes idle for ``POOL_IDLE_TAKES`` requests: their free arrays go."""
+        idle = [k for k, t in self.last.items() if self.takes - t >= POOL_IDLE_TAKES]
+        self._drop_free(float("inf"), [k for k in idle if k in self.arrays])
+        for key in idle:
+            if not self.arrays.get(key, True):
                 del self.arrays[key]
+            if key not in self.arrays:
+                del self.last[key]
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drop free arrays of the least recently used shapes until ``nbytes`` more fit;
+        drop nothing (and return False) when even dropping every free array would not."""
+        over = self.nbytes + nbytes - POOL_BYTES
+        if over <= 0:
+            return True
+        if over > self._free_bytes():
+            return False
+        self._drop_free(over)
+        return True
+
+    def release(self) -> int:
+        """Drop every free array; the bytes dropped."""
+        with self.lock:
+            dropped = self._drop_free(float("inf"))
+            for key in [k for k, v in self.arrays.items() if not v]:
+                del self.arrays[key]
+                self.last.pop(key, None)
+            return dropped
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"limit": POOL_BYTES, "bytes": self.nbytes, "free_bytes": self._free_bytes(),
+                    "arrays": sum(len(v) for v in self.arrays.values()),
+                    "shapes": len(self.arrays), "misses": self.misses,
+                    "held_bytes": sum(a.nbytes for v in self.arrays.values() for a in v)}
+
+
+_POOL = _Pool()
+
+
+def pool_stats() -> dict[str, int]:
+    """The recycled-array pool's bookkeeping: ``limit`` (``POOL_BYTES``), ``bytes`` it
+    counts, ``held_bytes`` (the sum over the arrays it holds: equals ``bytes``),
+    ``free_bytes`` (held by nobody else), ``arrays``, ``shapes`` and ``misses`` (requests
+    that had to allocate: constant from step to step once a workload fits)."""
+    return _POOL.stats()
+
+
+def release_pool() -> int:
+    """Hand every recycled array nobody holds back to the allocator (after a big
+    evaluation, say); returns the bytes dropped. The next calls allocate afresh."""
+    return _POOL.release()
 
 
 def _out(shape, dtype) -> np.ndarray:
     """A fresh-to-the-caller output array, recycled from earlier calls when nobody else
-    holds a reference to it (its refcount shows only this pool; any view of it counts).
+    holds a reference to it.
 
     Large fresh allocations cost page faults every step (measured: a 15 MB ReLU output
     takes ~2x as long in a freshly mmapped array), so outputs are reused instead."""
-    pool = getattr(_scratch, "pool", None)
-    if pool is None:
-        pool = _scratch.pool = _Pool()
-    return pool.take(tuple(shape), np.dtype(dtype))
+    return _POOL.take(tuple(shape), np.dtype(dtype))
 
 
-def _buf(key, shape, dtype) -> np.ndarray:
-    """A per-Python-thread scratch buffer reused across calls (never returned to callers)."""
-    cache = getattr(_scratch, "bufs", None)
-    if cache is None:
-        cache = _scratch.bufs = {}
-    k = (key, tuple(shape), np.dtype(dtype).str)
-    a = cache.get(k)
-    if a is None:
-        if len(cache) > 64:
-            cache.clear()
-        a = cache[k] = np.empty(shape, dtype)
-    return a
+def _buf(shape, dtype) -> np.ndarray:
+    """Kernel scratch: from the same pool as outputs (so under the same cap), held only
+    while the kernel runs; its contents are garbage, every kernel overwrites what it reads."""
+    return _POOL.take(tuple(shape), np.dtype(dtype))
 
 
 # --- argument checks (before the jitted code: clear errors instead of crashes) ----------
@@ -344,9 +443,9 @@ def _conv_scratch(t, x_shape, o, k, shift, p, oh, ow, dtype):
     n, c, h, w = x_shape
     wp = w + 2 * p
     ln = oh * wp if shift else oh * ow
-    cols = _buf("cols", (t, c * k * k + 1, ln), dtype)
-    xpad = _buf("xpad", (t, c, (h + 2 * p) * wp) if (shift and p) else (t, 0, 0), dtype)
-    ypad = _buf("ypad", (t, o, ln) if shift else (t, 0, 0), dtype)
+    cols = _buf((t, c * k * k + 1, ln), dtype)
+    xpad = _buf((t, c, (h + 2 * p) * wp) if (shift and p) else (t, 0, 0), dtype)
+    ypad = _buf((t, o, ln) if shift else (t, 0, 0), dtype)
     return cols, xpad, ypad
 
 
@@ -383,7 +482,7 @@ def _conv_forward(x, w, b, stride, padding, relu: bool):
     y = _out((n, o, oh, ow), x.dtype)
     shift = _shift(x.shape, w.shape, s)
     cols, xpad, ypad = _conv_scratch(t, x.shape, o, k, shift, p, oh, ow, x.dtype)
-    wb = _buf("wb", (o, c * k * k + 1), x.dtype)
+    wb = _buf((o, c * k * k + 1), x.dtype)
     wb[:, :-1] = w.reshape(o, c * k * k)
     wb[:, -1] = b
     if shift:
@@ -416,12 +515,12 @@ def conv2d_backward(dy, ctx, w, dw, db, need_dx: bool):
     nch = _chunks(n, threads)
     t = max(1, min(_team(n * o * c * k * k * oh * ow / (8 if need_dx else 16)), nch))
     ckk = c * k * k
-    dwp = _buf("dwp", (nch, ckk + 1, o), x.dtype)
+    dwp = _buf((nch, ckk + 1, o), x.dtype)
     shift = _shift(x.shape, w.shape, s)
     cols, xpad, dyp = _conv_scratch(t, x.shape, o, k, shift, p, oh, ow, x.dtype)
     if need_dx:
         dx = _out(x.shape, x.dtype)
-        dcols = _buf("dcols", cols.shape, x.dtype)
+        dcols = _buf(cols.shape, x.dtype)
     else:
         dx = np.empty((1, 1, 1, 1), x.dtype)
         dcols = np.empty((0, 0, 0), x.dtype)

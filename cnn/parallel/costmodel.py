@@ -319,23 +319,58 @@ def measure(comm: Any = None, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int
                               threads=1, device="cpu", mpi=lib, **r) for r in rows])
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(prog="mpiexec -n P python -m cnn.parallel.costmodel",
-                                description="Measure MPI ping-pong and Allreduce times.")
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+def sizes_arg(text: str) -> list[int]:
+    """An argparse type: comma-separated message sizes in bytes, each >= 1."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"want sizes >= 1 byte, got {text!r}")
+    return sizes
+
+
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """The CLI's flags; ``quiet``: print no error or help (MPI ranks other than 0)."""
+    from cnn import cli
+
+    p = cli.ArgumentParser(prog="mpiexec -n P python -m cnn.parallel.costmodel",
+                           description="Measure MPI ping-pong and Allreduce times.", quiet=quiet)
+    p.add_argument("--sizes", type=sizes_arg, default=list(DEFAULT_SIZES),
                    help="message sizes in bytes, comma separated")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=cli.int_at_least(1), default=50)
     p.add_argument("--save", default=None, metavar="PATH.pkl",
                    help="write the rows here (rank 0, atomically)")
     p.add_argument("--experiment", default="mpi_comm")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """The CLI, on every rank: flags and the --save path are checked before measuring; a
+    problem is one line from rank 0 and exit status 2 on every rank."""
     from mpi4py import MPI
 
+    from cnn import cli
+    from cnn.errors import UsageError
     from cnn.metrics import save_metrics
+    from cnn.parallel.mpi import release_shm_names
 
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    df = measure(MPI.COMM_WORLD, sizes, args.repeats, args.experiment)
-    if MPI.COMM_WORLD.Get_rank() == 0:
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    release_shm_names(comm)
+    p = build_parser(quiet=rank != 0)  # one copy of --help or of an error, not one per rank
+    args = p.parse_args(argv)
+    problem = None
+    if rank == 0 and args.save:
+        try:
+            cli.check_output_file(args.save, "--save")
+        except UsageError as exc:
+            problem = str(exc)
+    problem = comm.bcast(problem, root=0)
+    if problem:
+        p.error(problem)
+    df = measure(comm, args.sizes, args.repeats, args.experiment)
+    if rank == 0:
         if args.save:
             save_metrics(df, args.save)
         with pd.option_context("display.width", 120):

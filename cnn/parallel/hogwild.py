@@ -35,9 +35,14 @@ How it is built here:
 * **Optimiser state is per worker.** Momentum (or Adam) buffers live in each worker's
   private memory and only accumulate that worker's own gradients; only the weights
   are shared. (Sharing the velocity would make the momentum update itself racy.)
-* **Epoch ends.** Workers meet the parent at the end of each epoch (semaphores, not a
-  lock on the weights), so it can snapshot the weights for the per-epoch test
-  accuracy; snapshots are evaluated after training, outside the timed region.
+* **Epoch ends.** Workers meet the parent at the end of each epoch, so it can snapshot the
+  weights for the per-epoch test accuracy; snapshots are evaluated after training,
+  outside the timed region. Each worker has its own start semaphore, released once per
+  epoch by the parent: with one shared counting semaphore a fast worker (or one whose
+  shard of the last, ``--max-steps``-cut epoch is empty) could take a second permit and
+  leave another worker waiting forever. Workers run only the epochs ``--max-steps``
+  reaches. Every wait of the parent has a timeout (``--epoch-timeout``, default 30
+  minutes); the error names the worker that has not finished and how far it got.
 * **Staleness and collisions.** Each worker owns one cache line of the counter table:
   its number of applied updates and an "updating now" flag (one writer each, so no
   counts are lost). A step's *staleness* is the number of other workers' updates
@@ -48,7 +53,8 @@ How it is built here:
 * **Failure.** A worker that raises sends its traceback and exits; one that dies
   without a word (segfault, ``os._exit``, OOM kill) is seen by polling exit codes
   every 0.2 s. Either way the parent terminates the others, unlinks the segment and
-  raises :class:`HogwildWorkerError` with the worker's error text.
+  raises :class:`HogwildWorkerError` with the worker's error text (a diverging loss
+  raises :class:`~cnn.errors.DivergenceError` carrying the completed epochs' rows).
 """
 
 from __future__ import annotations
@@ -69,15 +75,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn import cli
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import make_row, save_metrics, step_stats, to_frame
-from cnn.train import add_training_args, build_network, load_data, make_training
+from cnn.train import (
+    add_training_args,
+    build_network,
+    load_data,
+    make_training,
+    save_partial_metrics,
+)
 
 SHM_PREFIX = "cnn_hogwild_"
 _LINE = 8  # int64 slots per worker in the counter table: one 64-byte cache line
 _COUNT, _BUSY = 0, 1
 _POLL_S = 0.2
+#: Seconds an epoch may take before the run is declared stalled (``--epoch-timeout``).
+EPOCH_TIMEOUT_S = 1800.0
 
 
 class HogwildWorkerError(CnnError, RuntimeError):
@@ -129,6 +144,18 @@ class _Spec:
     parent_pid: int
     fault: dict[str, Any] | None = None
 
+    @property
+    def epochs_run(self) -> int:
+        """The epochs that have steps: all of them, or those ``--max-steps`` reaches."""
+        return math.ceil(self.total_steps / self.steps_per_epoch) if self.total_steps else 0
+
+
+def shard(w: int, workers: int, steps_per_epoch: int, total_steps: int, epoch: int) -> range:
+    """Global batch indices (within ``epoch``) that worker ``w`` trains on: ``w, w+W, ...``,
+    cut where the run's ``total_steps`` end."""
+    stop = min(steps_per_epoch, max(0, total_steps - epoch * steps_per_epoch))
+    return range(w, stop, workers)
+
 
 def _others(counters: np.ndarray, w: int, col: int) -> int:
     return int(counters[:, col].sum() - counters[w, col])
@@ -168,23 +195,24 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
         results.put(("ready", w, {"pid": os.getpid(), "threads": net.threads,
                                   "device": net.backend.device_name(), "warm_s": warm_s}))
         n, spe = len(y), spec.steps_per_epoch
-        for epoch in range(args.epochs):
+        for epoch in range(spec.epochs_run):
             _wait_release(sem, spec.parent_pid)
             batches = list(cdata.iterate_batches(n, args.batch_size, args.seed, epoch))
             times, losses, stale, overlaps, lock_wait = [], [], [], 0, 0.0
             cpu0 = time.process_time()
-            for k in range(w, spe, W):
+            for k in shard(w, W, spe, spec.total_steps, epoch):
                 g = epoch * spe + k
-                if g >= spec.total_steps:
-                    break
-                if fault is not None and g >= fault.get("step", 0):
-                    if fault.get("kind") == "exit":
-                        os._exit(int(fault.get("code", 7)))
+                hook = fault.get("kind", "raise") if fault and g >= fault.get("step", 0) else None
+                if hook == "exit":
+                    os._exit(int(fault.get("code", 7)))
+                if hook == "stall":
+                    time.sleep(3600)
+                if hook == "raise":
                     raise RuntimeError(f"injected fault in worker {w} at step {g}")
                 idx = batches[k]
                 t0 = time.perf_counter()
                 seen_before = _others(ctr, w, _COUNT)
-                loss = net.loss_and_grad(x[idx], y[idx])
+                loss = math.nan if hook == "nan" else net.loss_and_grad(x[idx], y[idx])
                 if not math.isfinite(loss):
                     raise DivergenceError(
                         f"loss became {loss} in worker {w} at epoch {epoch + 1}, global step "
@@ -217,8 +245,9 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
                                       "cpu_s": time.process_time() - cpu0}))
         del net, opt, v, ctr, x, y
         results.put(("done", w, None))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
-        results.put(("error", w, traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        results.put(("error", w, {"type": type(exc).__name__, "message": str(exc),
+                                  "traceback": traceback.format_exc()}))
         raise SystemExit(1) from None
     finally:
         if shm is not None:
@@ -243,12 +272,16 @@ def _describe_exit(code: int | None) -> str:
 class _Pool:
     """The worker processes, their message queue, and prompt crash detection."""
 
-    def __init__(self, ctx, spec: _Spec, lock: bool):
+    def __init__(self, ctx, spec: _Spec, lock: bool, counters: np.ndarray):
+        self.spec = spec
+        self.counters = counters
         self.results = ctx.Queue()
-        self.sem = ctx.Semaphore(0)
+        # one start semaphore per worker: a shared counting one let a worker take two
+        # permits (two epochs) and leave another waiting forever
+        self.sems = [ctx.Semaphore(0) for _ in range(spec.workers)]
         self.lock = ctx.Lock() if lock else None
         self.procs = [ctx.Process(target=_worker, name=f"hogwild-{w}", daemon=True,
-                                  args=(w, spec, self.results, self.sem, self.lock))
+                                  args=(w, spec, self.results, self.sems[w], self.lock))
                       for w in range(spec.workers)]
         self.inbox: list[tuple[str, int, Any]] = []
         self.finished: set[int] = set()
@@ -261,17 +294,22 @@ class _Pool:
         """Move one message to the inbox (raises ``queue.Empty``); a worker error raises."""
         msg, w, payload = self.results.get(timeout=timeout)
         if msg == "error":
-            raise HogwildWorkerError(f"HOGWILD worker {w} failed:\n{payload}")
+            if payload["type"] == "DivergenceError":
+                raise DivergenceError(payload["message"])
+            raise HogwildWorkerError(f"HOGWILD worker {w} failed: {payload['type']}: "
+                                     f"{payload['message']}\n{payload['traceback']}")
         if msg == "done":
             self.finished.add(w)
         self.inbox.append((msg, w, payload))
 
-    def collect(self, kind: str, timeout: float | None) -> dict[int, Any]:
-        """Wait for one ``kind`` message from every worker; raise on any worker failure."""
+    def collect(self, kind: str, timeout: float, epoch: int | None = None) -> dict[int, Any]:
+        """Wait for one ``kind`` message (of ``epoch``) from every worker; raise on any worker
+        failure, or naming the late workers after ``timeout`` seconds."""
         got: dict[int, Any] = {}
-        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = time.monotonic()
         while True:
-            for m in [m for m in self.inbox if m[0] == kind and m[1] not in got]:
+            for m in [m for m in self.inbox if m[0] == kind and m[1] not in got
+                      and (epoch is None or m[2]["epoch"] == epoch)]:
                 got[m[1]] = m[2]
                 self.inbox.remove(m)
             if len(got) == len(self.procs):
@@ -280,11 +318,30 @@ class _Pool:
                 self._pull(_POLL_S)
             except queue_mod.Empty:
                 self._check_alive(kind)
-                if deadline is not None and time.monotonic() > deadline:
-                    missing = sorted(set(range(len(self.procs))) - set(got))
-                    raise HogwildWorkerError(
-                        f"HOGWILD workers {missing} sent no {kind!r} message within "
-                        f"{timeout:.0f} s (stalled?); run stopped") from None
+                if time.monotonic() - t0 > timeout:
+                    raise self._late(kind, epoch, sorted(set(range(len(self.procs))) - set(got)),
+                                     timeout) from None
+
+    def _late(self, kind: str, epoch: int | None, late: list[int],
+              timeout: float) -> HogwildWorkerError:
+        """The error naming the workers that have not reported, with how far each got."""
+        spec, parts = self.spec, []
+        for w in late:
+            p = self.procs[w]
+            if kind == "epoch" and epoch is not None:
+                before = sum(len(shard(w, spec.workers, spec.steps_per_epoch, spec.total_steps,
+                                       e)) for e in range(epoch))
+                mine = len(shard(w, spec.workers, spec.steps_per_epoch, spec.total_steps,
+                                 epoch))
+                done = int(self.counters[w, _COUNT]) - before
+                parts.append(f"worker {w} (pid {p.pid}) has not finished epoch {epoch + 1}: "
+                             f"{done} of its {mine} updates applied")
+            else:
+                parts.append(f"worker {w} (pid {p.pid}) sent no {kind!r} message")
+        return HogwildWorkerError(
+            f"HOGWILD stalled: {'; '.join(parts)} after {timeout:.0f} s; the run was stopped. "
+            f"If epochs are legitimately this slow, raise --epoch-timeout (or "
+            f"--startup-timeout)")
 
     def _check_alive(self, waiting_for: str) -> None:
         dead = [w for w, p in enumerate(self.procs)
@@ -305,8 +362,9 @@ class _Pool:
                     f"os._exit or out of memory?); the other workers were stopped")
 
     def release(self) -> None:
-        for _ in self.procs:
-            self.sem.release()
+        """Let every worker start its next epoch: one permit on each worker's semaphore."""
+        for sem in self.sems:
+            sem.release()
 
     def shutdown(self) -> None:
         for p in self.procs:
@@ -329,8 +387,10 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
 
     ``args`` is the CLI's namespace (:func:`parse_args` builds one from keywords).
     ``train``/``test`` default to the dataset the args name. ``fault`` is a test hook
-    (``{"worker": w, "step": s, "kind": "raise" | "exit"}``). With ``return_params``
-    the final shared weights are returned too, as ``(frame, params)``.
+    (``{"worker": w, "step": s, "kind": "raise" | "exit" | "stall" | "nan"}``). With
+    ``return_params`` the final shared weights are returned too, as ``(frame, params)``.
+    A diverging loss raises :class:`~cnn.errors.DivergenceError` whose ``frame`` holds
+    the rows of the epochs completed before it.
     """
     if train is None:
         train, test0 = load_data(args)
@@ -351,6 +411,7 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
         args = argparse.Namespace(**{**vars(args), "threads": 1})
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    epoch_timeout = EPOCH_TIMEOUT_S if args.epoch_timeout is None else args.epoch_timeout
     ncls = int(max(y.max(), test[1].max() if test is not None else 0)) + 1
     spe = math.ceil(len(y) / args.batch_size)
     total = spe * args.epochs if args.max_steps is None else min(args.max_steps, spe * args.epochs)
@@ -361,7 +422,8 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
     ctx = mp.get_context(args.start_method)
     shm = shared_memory.SharedMemory(create=True, size=lay["size"],
                                      name=f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}")
-    pool = None
+    pool, failure = None, None
+    snapshots, epochs_stats, walls = [], [], []
     try:
         v = _views(shm.buf, lay)
         v["counters"][...] = 0
@@ -370,7 +432,7 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
         v["y"][...] = y
         spec = _Spec(shm.name, lay, args, tuple(x.shape[1:]), ncls, W, spe, total, os.getpid(),
                      fault)
-        pool = _Pool(ctx, spec, lock=args.lock)
+        pool = _Pool(ctx, spec, lock=args.lock, counters=v["counters"])
         t_start = time.perf_counter()
         pool.start()
         ready = pool.collect("ready", timeout=args.startup_timeout)
@@ -379,17 +441,17 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
             log(f"HOGWILD: {W} worker process(es) ({args.start_method}), "
                 f"{'locked updates' if args.lock else 'lock-free'}, segment {shm.name} "
                 f"({lay['size'] / 2**20:.1f} MiB), started in {startup_s:.1f} s")
-        snapshots, epochs_stats, walls = [], [], []
-        epochs_run = math.ceil(total / spe)
-        for epoch in range(args.epochs):
-            t0 = time.perf_counter()
-            pool.release()
-            stats = pool.collect("epoch", timeout=args.epoch_timeout)
-            walls.append(time.perf_counter() - t0)
-            if epoch < epochs_run:
+        try:
+            for epoch in range(spec.epochs_run):
+                t0 = time.perf_counter()
+                pool.release()
+                stats = pool.collect("epoch", timeout=epoch_timeout, epoch=epoch)
+                walls.append(time.perf_counter() - t0)
                 snapshots.append(v["params"].copy())
                 epochs_stats.append(stats)
-        pool.collect("done", timeout=args.epoch_timeout)
+            pool.collect("done", timeout=epoch_timeout)
+        except DivergenceError as exc:
+            failure = exc
         final = v["params"].copy()
         del v
     finally:
@@ -440,20 +502,24 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
                 f"{r['samples_per_s']:.0f} samples/s  staleness {r['staleness_mean']:.2f} "
                 f"(max {r['staleness_max']})  overlaps {r['overlap_frac']:.1%}")
     df = to_frame(rows)
+    if failure is not None:
+        failure.frame = df
+        raise failure
     return (df, final) if return_params else df
 
 
 # --- CLI -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m cnn.parallel.hogwild",
         description="HOGWILD! lock-free SGD: worker processes updating one shared-memory "
                     "weight buffer without locks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p)
+    add_training_args(p, weights=False, checkpoints=False)
+    seconds = cli.number(0, lo_open=True)
     g = p.add_argument_group("HOGWILD")
-    g.add_argument("--workers", type=int, nargs="+", default=[2],
+    g.add_argument("--workers", type=cli.int_at_least(1), nargs="+", default=[2],
                    help="worker processes; several values run one after another")
     g.add_argument("--lock", action="store_true",
                    help="control variant: serialise the updates with one lock")
@@ -463,17 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train sequentially in this process (cnn.train.fit), first")
     g.add_argument("--start-method", default="spawn", choices=["spawn", "forkserver"],
                    help="how workers start (fork is refused: unsafe with Numba/BLAS pools)")
-    g.add_argument("--startup-timeout", type=float, default=300.0,
+    g.add_argument("--startup-timeout", type=seconds, default=300.0,
                    help="seconds the workers may take to start (imports, JIT)")
-    g.add_argument("--epoch-timeout", type=float, default=None,
-                   help="fail if an epoch takes longer than this (seconds; default: no limit)")
+    g.add_argument("--epoch-timeout", type=seconds, default=EPOCH_TIMEOUT_S,
+                   help="fail, naming the late worker, if an epoch takes longer (seconds)")
     p.set_defaults(experiment="hogwild")
     return p
 
 
 def parse_args(argv: list[str] | None = None, **overrides: Any) -> argparse.Namespace:
     """The CLI's namespace; keywords override (``parse_args([], workers=2, epochs=3)``)."""
-    args = build_parser().parse_args([] if argv is None and overrides else argv)
+    args = cli.parse(build_parser(), [] if argv is None and overrides else argv)
     for k, val in overrides.items():
         if not hasattr(args, k):
             raise TypeError(f"unknown HOGWILD option {k!r}")
@@ -508,16 +574,21 @@ def compare(args: argparse.Namespace, train=None, test=None, *, workers=(1, 2),
     if train is None:
         train, test0 = load_data(args)
         test = test if test is not None else test0
-    frames = []
-    if sequential:
-        if log:
-            log("sequential (cnn.train.fit, this process)")
-        frames.append(sequential_baseline(args, train, test, log=log))
-    for w in workers:
-        for lock in ([args.lock, True] if also_lock and not args.lock and w > 1
-                     else [args.lock]):
-            a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock})
-            frames.append(run_hogwild(a, train, test, log=log))
+    frames: list[pd.DataFrame] = []
+    try:
+        if sequential:
+            if log:
+                log("sequential (cnn.train.fit, this process)")
+            frames.append(sequential_baseline(args, train, test, log=log))
+        for w in workers:
+            for lock in ([args.lock, True] if also_lock and not args.lock and w > 1
+                         else [args.lock]):
+                a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock})
+                frames.append(run_hogwild(a, train, test, log=log))
+    except DivergenceError as exc:  # keep every row measured so far with the error
+        done = [f for f in (*frames, exc.frame) if f is not None and len(f)]
+        exc.frame = to_frame(pd.concat(done, ignore_index=True)) if done else None
+        raise
     return to_frame(pd.concat(frames, ignore_index=True))
 
 
@@ -547,8 +618,12 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     log = None if args.no_progress else print
-    df = compare(args, workers=args.workers, also_lock=args.also_lock,
-                 sequential=args.sequential, log=log)
+    try:
+        df = compare(args, workers=args.workers, also_lock=args.also_lock,
+                     sequential=args.sequential, log=log)
+    except DivergenceError as exc:
+        save_partial_metrics(exc, args.save_metrics)
+        raise
     if args.save_metrics:
         save_metrics(df, args.save_metrics)
     with pd.option_context("display.width", 160, "display.max_columns", 20,
@@ -558,4 +633,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run(main))

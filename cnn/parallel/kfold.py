@@ -11,13 +11,15 @@ accuracy is the ``test_acc`` of the fold's row). Every fold has its own fixed se
 numbers wherever it runs: in this process (``serial``) or on any engine.
 
 Parallel runs start ``E`` local engines with ``ipp.Cluster(n=E)`` (stopped in a
-``finally``), warm them up (imports, dataset load: outside the timed region, as the
-serial run has them already), then submit every fold at once through a
-*load-balanced* view: a free engine takes the next fold. Results are handled as
-each fold finishes (progress bar, one line per fold) rather than in submission
-order. Every wait has a timeout; an engine that dies (it unregisters, or its task
-comes back as an ``EngineError``) stops the run at once with
-:class:`KFoldEngineError` naming the fold and the engine.
+``finally``) in a throwaway IPython profile directory, removed afterwards: ipyparallel
+writes connection files, logs and an ``engines<id>.json`` state file per cluster into
+its profile, which in ``~/.ipython`` piled up run after run. The engines are warmed up
+(imports, dataset load: outside the timed region, as the serial run has them
+already), then every fold is submitted at once through a *load-balanced* view: a free
+engine takes the next fold. Results are handled as each fold finishes (progress bar,
+one line per fold) rather than in submission order. Every wait has a timeout; an
+engine that dies (it unregisters, or its task comes back as an ``EngineError``) stops
+the run at once with :class:`KFoldEngineError` naming the fold and the engine.
 
 While the folds run, a background thread samples the utilisation of every core
 with ``psutil.cpu_percent(percpu=True, interval=...)``, for the serial and the
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnn import cli
 from cnn import data as cdata
 from cnn.errors import CnnError
 from cnn.metrics import make_row, save_metrics, to_frame
@@ -125,6 +130,9 @@ def train_fold(cfg: dict[str, Any], fold: int, train_idx: np.ndarray,
             "threads": int(net.threads), "device": net.backend.device_name(),
             "backend": net.backend.NAME, "train_size": len(train_idx), "val_size": len(val_idx),
             "acc_history": hist["test_acc"].tolist(), "pid": os.getpid(),
+            # the trained weights, compared between serial and engine runs
+            "weights_sha256": hashlib.sha256(
+                np.ascontiguousarray(net.backend.to_host(net.params)).tobytes()).hexdigest(),
             "worker_host": socket.gethostname(), "t_start": t_start, "t_end": time.time()}
 
 
@@ -231,9 +239,12 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
     # by reference to the importable module, even when this file runs as __main__
     from cnn.parallel.kfold import train_fold, warm_up
 
-    cluster = ipp.Cluster(n=engines, log_level=40, engine_timeout=start_timeout)
-    rc = None
+    profile = tempfile.TemporaryDirectory(prefix="cnn-kfold-ipython-",
+                                          ignore_cleanup_errors=True)
+    cluster = rc = None
     try:
+        cluster = ipp.Cluster(n=engines, log_level=40, engine_timeout=start_timeout,
+                              profile_dir=profile.name)
         cluster.start_cluster_sync()
         rc = cluster.connect_client_sync()
         rc.wait_for_engines(engines, timeout=start_timeout, interactive=False)
@@ -286,10 +297,12 @@ def _run_engines(cfg, plan, engines: int, bar, log, timeout, start_timeout, samp
                 rc.shutdown(targets="all", hub=False, block=True)
             rc.close()
         try:
-            cluster.stop_cluster_sync()
+            if cluster is not None:
+                cluster.stop_cluster_sync()
         except Exception as exc:  # noqa: BLE001 - never mask the run's own error
             if log:
                 log(f"warning: stopping the ipyparallel cluster: {exc}")
+        profile.cleanup()
 
 
 def run_kfold(args: argparse.Namespace, *, folds: int | None = None, engines: int | None = None,
@@ -398,20 +411,22 @@ def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
 # --- CLI -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m cnn.parallel.kfold",
         description="Asynchronous K-fold cross-validation on ipyparallel engines.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_args(p)
+    add_training_args(p, weights=False, checkpoints=False)
+    seconds = cli.number(0, lo_open=True)
     g = p.add_argument_group("k-fold")
-    g.add_argument("--folds", type=int, default=4)
-    g.add_argument("--engines", type=int, nargs="+", default=[2],
+    g.add_argument("--folds", type=cli.int_at_least(2), default=4)
+    g.add_argument("--engines", type=cli.int_at_least(1), nargs="+", default=[2],
                    help="engines per parallel run; several values run one after another")
     g.add_argument("--serial", action="store_true",
                    help="also run the folds one after another in this process, first")
     g.add_argument("--no-stratify", action="store_true", help="plain, not stratified, folds")
-    g.add_argument("--cpu-interval", type=float, default=0.5, help="CPU sampling period (s)")
-    g.add_argument("--timeout", type=float, default=None,
+    g.add_argument("--cpu-interval", type=seconds, default=0.5,
+                   help="CPU sampling period (s)")
+    g.add_argument("--timeout", type=seconds, default=None,
                    help="fail a parallel run whose folds take longer than this (s)")
     p.set_defaults(experiment="kfold", epochs=5)
     return p
@@ -419,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None, **overrides: Any) -> argparse.Namespace:
     """The CLI's namespace; keywords override (``parse_args(folds=4, engines=[2])``)."""
-    args = build_parser().parse_args([] if argv is None and overrides else argv)
+    args = cli.parse(build_parser(), [] if argv is None and overrides else argv)
     for k, val in overrides.items():
         if not hasattr(args, k):
             raise TypeError(f"unknown k-fold option {k!r}")
@@ -452,4 +467,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run(main))

@@ -1,0 +1,110 @@
+"""What a reader meets: summary.json, the README table, report.pdf; and the promises that
+printing never writes the README, a dirty tree is refused, and a quick study leaves the
+committed study alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnn.metrics import make_row
+from study import paths, report, schema
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A scratch checkout: a git repo with a README holding the table markers."""
+    root = tmp_path / "proj"
+    (root / "results").mkdir(parents=True)
+    (root / "README.md").write_text(
+        f"# x\n\n{report.README_START}\nPLACEHOLDER\n{report.README_END}\n")
+    os.chmod(root / "README.md", 0o644)
+    git(root, "init", "-q")
+    git(root, "-c", "user.email=a@b", "-c", "user.name=t", "add", "-A")
+    git(root, "-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setenv(paths.ROOT_ENV, str(root))
+    monkeypatch.delenv(paths.RESULTS_ENV, raising=False)
+    monkeypatch.delenv(paths.IMAGES_ENV, raising=False)
+    monkeypatch.setattr(report, "commit_state",
+                        lambda: (git(root, "rev-parse", "--short", "HEAD").strip(),
+                                 bool(git(root, "status", "--porcelain",
+                                          "--untracked-files=no").strip())))
+    return root
+
+
+def baseline_rows(acc: float = 0.9):
+    raw = [make_row(experiment="baseline_fashion_mnist", strategy="sequential",
+                    backend="numpy", processes=1, threads=1, device="cpu", model="seed_cnn",
+                    dataset="fashion-mnist", batch_size=64, epoch=e, test_acc=acc,
+                    samples_per_s=1000.0 + e, config="seed_cnn fashion-mnist b64")
+           for e in range(1, 6)]
+    return schema.rows(raw, scale="standard", session="s")
+
+
+def test_summary_reports_the_saved_numbers(repo):
+    schema.save(baseline_rows(0.9123), "baseline_fashion_mnist")
+    s = report.build_summary("standard")
+    h = next(h for h in s["headlines"] if h["key"] == "baseline_accuracy")
+    assert h["value"] == pytest.approx(0.9123) and h["text"] == "91.23%"
+    rate = next(h for h in s["headlines"] if h["key"] == "baseline_throughput")
+    assert rate["value"] == pytest.approx(1003.0)
+    assert any("91.23%" in f for f in s["findings"])
+
+
+def test_printing_a_summary_never_writes_the_readme(repo):
+    schema.save(baseline_rows(), "baseline_fashion_mnist")
+    before = (repo / "README.md").read_bytes()
+    report.main_summary("standard", readme=False, draft=True)
+    assert (repo / "README.md").read_bytes() == before
+    report.main_summary("standard", readme=True, draft=True)
+    text = (repo / "README.md").read_text()
+    assert "90.00%" in text and "PLACEHOLDER" not in text
+    assert oct((repo / "README.md").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_dirty_tree_is_refused_unless_draft(repo):
+    (repo / "README.md").write_text("changed\n")
+    with pytest.raises(report.DirtyTree, match="--draft"):
+        report.build_summary("standard")
+    assert report.build_summary("standard", draft=True)["draft"] is True
+
+
+def test_report_pdf_carries_the_numbers_and_the_draft_mark(repo):
+    pypdf = pytest.importorskip("pypdf")
+    schema.save(baseline_rows(0.9123), "baseline_fashion_mnist")
+    shutil.copytree(ROOT / "report", repo / "report")
+    s = report.build_summary("standard", draft=True)
+    pdf = report.build_report(s, repo / "out.pdf")
+    text = "\n".join(p.extract_text() for p in pypdf.PdfReader(pdf).pages)
+    assert "91.23%" in text and "DRAFT" in text
+
+
+@pytest.mark.slow
+def test_quick_study_in_a_fresh_clone_leaves_the_committed_study_alone(tmp_path):
+    """make study SCALE=quick in a clone: nothing tracked changes (results, images,
+    notebooks, README, report.pdf); its outputs land under build/quick."""
+    clone = tmp_path / "clone"
+    git(ROOT, "clone", "-q", str(ROOT), str(clone))
+    env = {**os.environ, "PYTHONPATH": str(clone), "MPLBACKEND": "agg",
+           paths.ROOT_ENV: str(clone)}
+    env.pop(paths.RESULTS_ENV, None)
+    env.pop(paths.IMAGES_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "study", "all", "--scale", "quick",
+                           "--only", "01,06"], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert git(clone, "status", "--porcelain") == ""
+    assert (clone / "build" / "quick" / "report.pdf").is_file()
+    assert (clone / "build" / "quick" / "notebooks" / "01_sequential_baseline.ipynb").is_file()
