@@ -30,6 +30,8 @@ runs), the median over blocks; the first step (compile, cuDNN autotune) is
 statistics; the cuda backend's pool is emptied and its peak restarted). Rows are
 ``cnn.metrics`` rows, written atomically to ``--out`` (default
 ``results/<experiment>.pkl``); a table of the ratios against the targets is printed.
+Where the tree has no ``.git`` (a copy sent to a GPU machine), ``CNN_COMMIT=<hash>``
+names the commit the rows record.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ def time_blocks(step: Callable[[], Any], sync: Callable[[], None], blocks: int,
 def _row(cfg: dict[str, Any], batch: int, strategy: str, backend: str, device: str,
          t: dict[str, Any], flops: int, **extra: Any) -> dict[str, Any]:
     median = t["median_s"]
+    # a GPU machine may run a copy of the tree without .git: the caller names the commit
+    commit = os.environ.get("CNN_COMMIT")
+    if commit:
+        extra["commit"] = commit
     return make_row(
         experiment=cfg["experiment"], strategy=strategy, backend=backend, processes=1,
         threads=1, device=device, model="seed_cnn", dataset="synthetic", batch_size=batch,
