@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "mpi": "study.experiments.mpi",
     "hogwild": "study.experiments.hogwild",
     "kfold": "study.experiments.kfold",
+    "stragglers": "study.experiments.stragglers",
 }
 
 
