@@ -24,7 +24,12 @@ from cnn import data
 from cnn.parallel import delays
 from cnn.parallel.hogwild import parse_args as hogwild_args
 from cnn.parallel.hogwild import run_hogwild
-from cnn.parallel.hogwild_variants import claim_batches, scaled_momentum, worker_optimizer
+from cnn.parallel.hogwild_variants import (
+    claim_batches,
+    scaled_momentum,
+    stragglers_within,
+    worker_optimizer,
+)
 from cnn.parallel.mpi import build_parser
 from cnn.parallel.mpi_async import async_strategy_name, staleness_lr
 from cnn.parallel.mpi_strategies import shard_bounds
@@ -84,6 +89,12 @@ def test_straggler_flags_parse_and_refuse_nonsense():
         delays.stragglers(argparse.Namespace(straggler=["1:2", "1:3"]))
 
 
+def test_several_worker_counts_slow_the_workers_each_run_has():
+    a = argparse.Namespace(straggler=["1:4", "0:2.5"])
+    assert stragglers_within(a, 1) == ["0:2.5"] and stragglers_within(a, 2) == ["0:2.5", "1:4"]
+    assert stragglers_within(argparse.Namespace(straggler=["1:4"]), 1) is None
+
+
 def test_hogwild_refuses_a_straggler_that_is_not_a_worker(tmp_path):
     cmd = [sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2", "--dataset",
            "digits", "--straggler", "2:3", "--no-progress"]
@@ -135,6 +146,7 @@ def test_a_straggler_sleeps_factor_minus_one_times_its_compute_on_average():
         d.after(0.001)  # asks for 2 ms each time
     assert sum(d.slept_s) == pytest.approx(0.080, rel=0.15, abs=0.004)
     assert d.summary()[0] == 40 and d.summary()[1] == pytest.approx(1.0)
+    assert d.summary()[2] == pytest.approx(2.0, rel=0.15, abs=0.1)  # mean sleep, ms
 
 
 def test_weight_copies_are_due_inside_epochs_and_grouped_by_epoch():
@@ -293,7 +305,9 @@ def test_async_dynamic_assignment_gives_the_straggler_fewer_pieces(tmp_path):
     steps = df["rank_steps"].iloc[0]
     assert steps[0] == 0 and sum(steps) == 2 * 7 * 3  # every piece computed exactly once
     assert steps[1] > 2 * steps[2], steps
-    assert df["samples"].tolist() == [193, 386, 579]
+    # an epoch row covers W x 7 updates; with dynamic assignment a fast worker may deliver
+    # a piece of the next epoch before the slow one's last: only the total is exact
+    assert df["samples"].iloc[-1] == 579 and df["samples"].is_monotonic_increasing
     assert sum(sum(h) for h in df["staleness_hist"]) == sum(steps) - 3  # the 1-sample slices
     assert df["rank_delay_ms"].iloc[0][1] == 0.0 and df["rank_delay_ms"].iloc[0][2] > 0
 

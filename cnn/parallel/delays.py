@@ -176,16 +176,17 @@ class Delay:
         return slept
 
     def summary(self) -> tuple[int, float, float]:
-        """(steps, median compute ms, median sleep ms) of this rank."""
+        """(steps, median compute ms, mean sleep ms per step) of this rank (the mean: an
+        overshooting sleep is made up by shorter ones after it)."""
         if not self.compute_s:
             return 0, math.nan, math.nan
         return (len(self.compute_s), 1e3 * float(np.median(self.compute_s)),
-                1e3 * float(np.median(self.slept_s)))
+                1e3 * float(np.mean(self.slept_s)))
 
 
 def rank_fields(summaries: Sequence[tuple[int, float, float]]) -> dict[str, list]:
     """Row fields from every rank's :meth:`Delay.summary` (rank order): steps computed,
-    median compute ms and median injected sleep ms per step (NaN for a rank that does not
+    median compute ms and mean injected sleep ms per step (NaN for a rank that does not
     compute, such as a parameter server)."""
     return {"rank_steps": [int(s[0]) for s in summaries],
             "rank_compute_ms": [float(s[1]) for s in summaries],

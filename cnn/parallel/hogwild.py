@@ -94,6 +94,7 @@ from cnn.parallel.hogwild_variants import (
     claim_batches,
     epoch_fields,
     snapshot_points,
+    stragglers_within,
     worker_optimizer,
     worker_summaries,
 )
@@ -655,7 +656,8 @@ def compare(args: argparse.Namespace, train=None, test=None, *, workers=(1, 2),
         for w in workers:
             for lock in ([args.lock, True] if also_lock and not args.lock and w > 1
                          else [args.lock]):
-                a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock})
+                a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock,
+                                          "straggler": stragglers_within(args, int(w))})
                 frames.append(run_hogwild(a, train, test, log=log))
     except DivergenceError as exc:  # keep every row measured so far with the error
         done = [f for f in (*frames, exc.frame) if f is not None and len(f)]
@@ -689,6 +691,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    check_options(args, max(args.workers))  # before anything starts
     log = None if args.no_progress else print
     try:
         df = compare(args, workers=args.workers, also_lock=args.also_lock,

@@ -22,7 +22,8 @@ from cnn.parallel.delays import straggler_label, stragglers
 from cnn.train import make_training
 
 __all__ = ["MOMENTUM_MODES", "check_options", "claim_batches", "epoch_fields", "scaled_momentum",
-           "snapshot_points", "worker_optimizer", "worker_summaries"]
+           "snapshot_points", "stragglers_within", "worker_optimizer",
+           "worker_summaries"]
 
 MOMENTUM_MODES = ("local", "shared", "scaled")
 
@@ -93,6 +94,13 @@ def check_options(args: argparse.Namespace, workers: int) -> None:
                          "use --backend numpy or numba")
 
 
+def stragglers_within(args: argparse.Namespace, workers: int) -> list[str] | None:
+    """``--straggler`` specs of the workers a run of ``workers`` has (``--workers 1 2
+    --straggler 1:4`` slows worker 1 in the 2-worker run; the 1-worker run has none)."""
+    keep = [f"{r}:{f:g}" for r, f in sorted(stragglers(args).items()) if r < workers]
+    return keep or None
+
+
 def snapshot_points(inbox: list[tuple[str, int, Any]], starts: list[float],
                     walls: list[float], steps_per_epoch: int, batch_size: int, samples: int
                     ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
@@ -104,7 +112,7 @@ def snapshot_points(inbox: list[tuple[str, int, Any]], starts: list[float],
     points, copies = [], []
     for p in snaps:
         e = (p["step"] - 1) // steps_per_epoch
-        if e >= len(starts):
+        if e >= len(walls):  # an epoch that did not complete (divergence): no row for it
             continue
         k = int(p["step"]) - e * steps_per_epoch
         points.append({"step": int(p["step"]),
@@ -126,11 +134,11 @@ def epoch_fields(args: argparse.Namespace, workers: int, stale: np.ndarray) -> d
 
 def worker_summaries(epochs_stats: list[dict[int, Any]], workers: int
                      ) -> list[tuple[int, float, float]]:
-    """Per worker over the run: steps, median compute ms, median injected sleep ms."""
+    """Per worker over the run: steps, median compute ms, mean injected sleep ms per step."""
     out = []
     for w in range(workers):
         comp = [c for st in epochs_stats for c in st.get(w, {}).get("compute", [])]
         slept = [c for st in epochs_stats for c in st.get(w, {}).get("slept", [])]
         out.append((len(comp), 1e3 * float(np.median(comp)) if comp else math.nan,
-                    1e3 * float(np.median(slept)) if slept else math.nan))
+                    1e3 * float(np.mean(slept)) if slept else math.nan))
     return out

@@ -63,7 +63,9 @@ def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
     (-1: done). ``--assign static`` gives worker w slice w of every global batch;
     ``--assign dynamic`` gives the next unassigned piece to whichever worker asks, so a slow
     worker computes fewer pieces instead of holding the run up. Every piece is computed
-    exactly once either way.
+    exactly once either way. An epoch row covers W x steps-per-epoch applied updates (with
+    dynamic assignment a fast worker may deliver a piece of the next epoch before a slow
+    worker's last one; the run's total is exact).
     """
     from mpi4py import MPI
 
