@@ -345,14 +345,18 @@ def test_backup_worker_drops_the_straggler_and_applies_the_first_gradient(tmp_pa
     assert df["rank_applied"].iloc[0] == [0, 14, 0]
     assert (df["gradients"] - df["dropped"]).tolist() == [7, 7]  # W - B = 1 per step
     assert df["dropped"].sum() == steps[2] >= 2  # all of the straggler's, none lost
-    ref = _first_worker_sgd(build_parser().parse_args(args))
+    ref, ref_acc = _first_worker_sgd(build_parser().parse_args(args))
     got = weights(w)
     for k, v in ref.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7)
+    # the test split is evaluated in slices, one per rank, each with that rank's weights:
+    # the same accuracy means the dropped worker holds the final weights too
+    assert df["test_acc"].iloc[-1] == ref_acc
 
 
-def _first_worker_sgd(a: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Sequential SGD on worker 1's slice of every global batch of 2 x 16."""
+def _first_worker_sgd(a: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
+    """Sequential SGD on worker 1's slice of every global batch of 2 x 16: the weights and
+    their test accuracy."""
     train, test = data.load("digits", "train", subset=193), data.load("digits", "test",
                                                                         subset=64)
     net = build_network(a, train[0].shape[1:], 10)
@@ -366,7 +370,7 @@ def _first_worker_sgd(a: argparse.Namespace) -> dict[str, np.ndarray]:
 
     fit(net, train, test, epochs=2, batch_size=32, optimizer=opt, schedule=sched, seed=3,
         step_fn=step, progress=False, log=None)
-    return net.state_dict()
+    return net.state_dict(), net.evaluate(*test)[1]
 
 
 @needs_mpi
