@@ -26,7 +26,8 @@ Rows: one per epoch (``kind == "epoch"``), one per evaluated copy (``kind == "ev
 final accuracy, the staleness histogram, gradients dropped). ``mode`` is the scenario.
 ``wall_s`` is training seconds without the first step's JIT excess (``compile_s``, reported
 apart; HOGWILD's workers warm up untimed anyway); start-up is ``startup_s``.
-Rules: docs/DESIGN.md, "Numbers a reader can trust". The analysis: study/stragglers_analysis.py.
+Rules: docs/DESIGN.md, "Numbers a reader can trust". The analysis of the rows:
+`study.experiments.stragglers_analysis`.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ import numpy as np
 import pandas as pd
 
 from study import analysis, paths, schema
-from study import stragglers_analysis as sa
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved
+from study.experiments import stragglers_analysis as sa
 from study.measure import (
     Plan,
     mpiexec_module,
@@ -183,7 +184,7 @@ def command(p: Mapping[str, Any], cfg: Mapping[str, Any], experiment: str) -> li
 
 def estimate(p: Mapping[str, Any]) -> dict[str, float]:
     """Estimated seconds of each part and in total at preset ``p`` (see
-    `study.stragglers_analysis.estimate_seconds` for the cost model)."""
+    `study.experiments.stragglers_analysis.estimate_seconds` for the cost model)."""
     n = (p["subset"] or 60000) * int(p["epochs"])
     runs_of: dict[str, list[tuple]] = {}
     for part, make in (("scenarios", scenario_plan), ("momentum", momentum_plan)):
@@ -270,10 +271,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Measure the chosen parts (interleaved trials), flag anomalies, validate and save."""
     p = preset("stragglers", scale)
-    chosen = list(parts or PARTS)
-    unknown = sorted(set(chosen) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown stragglers part(s) {unknown}; parts are {', '.join(PARTS)}")
+    chosen = chosen_parts("stragglers", parts, PARTS)
     session = new_session()
     out: dict[str, pd.DataFrame] = {}
     for part in chosen:

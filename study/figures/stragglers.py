@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import stragglers_analysis as sa
 from study.experiments import stragglers as st
+from study.experiments import stragglers_analysis as sa
 from study.figures import style
 
 CI_NOTE = "median of trials with 95% bootstrap CI"

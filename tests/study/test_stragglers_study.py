@@ -15,8 +15,8 @@ import pytest
 
 from cnn.metrics import make_row
 from study import config, notebooks, paths, schema
-from study import stragglers_analysis as sa
 from study.experiments import stragglers as st
+from study.experiments import stragglers_analysis as sa
 from study.figures import stragglers as figs
 
 matplotlib.use("agg")
