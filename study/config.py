@@ -13,6 +13,12 @@ from typing import Any
 from study.schema import SCALES
 
 DEFAULT_SCALE = "standard"
+#: The strategies of the stragglers family (study.experiments.stragglers.STRATEGIES keys);
+#: the last one, the lr / (1 + s) variant, runs where a preset says.
+STRAGGLER_STRATEGIES: tuple[str, ...] = (
+    "allreduce", "param-server", "param-server-backup", "async-param-server",
+    "async-param-server-stale", "model-average", "hogwild (local)", "hogwild (shared)",
+    "hogwild (scaled)", "async-param-server-stale1")
 
 #: family -> scale -> settings. Trials are interleaved repeats (study/measure.py).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -109,6 +115,34 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "full": dict(dataset="fashion-mnist", subset=None, test_subset=None, epochs=5,
                      batch_size=64, workers=(1, 2, 4, 8), trials=7, folds=8, kfold_subset=None,
                      kfold_epochs=3, backend="numba", cpu_interval=0.5, timeout_s=3600),
+    },
+    # notebook 08 (into 04/05 later): stragglers, the remedies, time to accuracy. Two workers
+    # everywhere; `strategies` run with no straggler, `straggler_strategies` in the other
+    # scenarios; one worker (deterministic accuracy) `seq_trials` times; `momentum_batches`:
+    # HOGWILD's momentum options at batches other than the scenarios' one. Standard: about
+    # 24 minutes on the 2-core VM (study.experiments.stragglers.estimate).
+    "stragglers": {
+        "quick": dict(dataset="digits", subset=480, test_subset=200, epochs=2, batch_size=16,
+                      target_acc=0.6, eval_samples=160, delay_ms=2.0, sync_every=4,
+                      scenarios=("none", "slow4x"), strategies=STRAGGLER_STRATEGIES,
+                      straggler_strategies=STRAGGLER_STRATEGIES[:-1], momentum_batches=(32,),
+                      trials=1, seq_trials=1, backend="numba", timeout_s=600),
+        "standard": dict(dataset="fashion-mnist", subset=6000, test_subset=2000, epochs=2,
+                         batch_size=32, target_acc=0.80, eval_samples=3000, delay_ms=4.0,
+                         sync_every=4, scenarios=("none", "slow2x", "slow4x", "random"),
+                         strategies=STRAGGLER_STRATEGIES,
+                         # the synchronous server waits for the slowest worker as allreduce
+                         # does: with stragglers only allreduce runs (about 3 minutes less)
+                         straggler_strategies=tuple(s for s in STRAGGLER_STRATEGIES[:-1]
+                                                    if s != "param-server"),
+                         momentum_batches=(64,), trials=5, seq_trials=1, backend="numba",
+                         timeout_s=1200),
+        "full": dict(dataset="fashion-mnist", subset=None, test_subset=None, epochs=3,
+                     batch_size=32, target_acc=0.88, eval_samples=12000, delay_ms=4.0,
+                     sync_every=4, scenarios=("none", "slow2x", "slow4x", "random"),
+                     strategies=STRAGGLER_STRATEGIES, straggler_strategies=STRAGGLER_STRATEGIES,
+                     momentum_batches=(64,), trials=7, seq_trials=1, backend="numba",
+                     timeout_s=7200),
     },
 }
 

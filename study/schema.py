@@ -108,6 +108,9 @@ COLUMNS: dict[str, Column] = {
     "dropped": _c("float", "gradients dropped by backup workers"),
     "straggler": _c("str", "straggler setting (RANK:FACTOR, exp:MEAN_MS, or '')"),
     "momentum_mode": _c("str", "HOGWILD momentum option: local | shared | scaled"),
+    "worker_momentum": _c("float", "momentum each HOGWILD worker used (scaled lowers it)"),
+    "rank_steps": _c("object", "steps each rank (HOGWILD: worker) computed (list; a "
+                     "parameter server computes none)"),
     "target_acc": _c("float", "accuracy threshold of time_to_target_s"),
     # correctness checks
     "quantity": _c("str", "what a check compares: logits, loss, a gradient's name, weights"),

@@ -34,6 +34,7 @@ FAMILIES: dict[str, str] = {
     "hogwild": "study.experiments.hogwild",
     "kfold": "study.experiments.kfold",
     "peers": "study.experiments.peers",
+    "stragglers": "study.experiments.stragglers",
 }
 
 
