@@ -1,27 +1,33 @@
-"""ipyparallel on SLURM: MPI engines as a batch job, driven from a notebook on a login node.
+#!/usr/bin/env python
+"""ipyparallel MPI engines as a SLURM job, driven from a notebook on a login node.
 
-    from scripts.ipp_slurm import slurm_cluster      # or copy the function into a cell
-    with slurm_cluster(n=16, nodes=4, account="myproject") as cl:
-        cl.push_code()                                # checkout on a shared file system
+    .venv/bin/python scripts/ipp_slurm.py 16 --nodes 4 --account myproject   # check they start
+
+From a notebook (the checkout and its venv on a shared file system)::
+
+    import sys; sys.path.insert(0, "scripts")
+    from ipp_slurm import slurm_cluster
+    with slurm_cluster(16, nodes=4, cpus_per_task=4, account="myproject") as cl:
         df = cl.run(["--strategy", "allreduce", "--dataset", "fashion-mnist",
                      "--backend", "numba", "--threads", "4", "--epochs", "5"])
 
-The controller runs where the notebook runs (it must be reachable from the compute nodes:
-``controller_ip`` below listens on every interface); the engines are one SLURM job started
-with ``srun ... ipengine --mpi``, so ``MPI.COMM_WORLD`` spans them exactly as under
-``mpiexec``. Threads per engine: ``cpus_per_task`` (``NUMBA_NUM_THREADS`` follows it).
-Run from the command line with ``python scripts/ipp_slurm.py N NODES`` to check that the
-engines come up (prints their ranks and hosts).
+The controller runs where the notebook runs (it must be reachable from the compute
+nodes: it listens on every interface); the engines are one SLURM job started with
+``srun ... ipengine --mpi``, so ``MPI.COMM_WORLD`` spans them exactly as under
+``mpiexec``. Threads per engine: ``--cpus-per-task`` (``NUMBA_NUM_THREADS`` follows it).
+`study.cluster.MPICluster` does the rest: timeouts (``--start-timeout`` covers the time
+the job waits in the queue), the engines' output on failure, rank order.
 
 No engines are left behind: leaving the ``with`` block (normally, on an error or on
-Ctrl-C) shuts the engines down and cancels their job; while the cluster is up, SIGTERM and
+Ctrl-C) shuts the engines down and ends their job; while the cluster is up, SIGTERM and
 SIGHUP (``scancel`` of a job running the notebook, a closed terminal) become
 ``SystemExit``, so they leave the block the same way. Only a SIGKILL of this process
-skips that; the engines' job then ends at its ``timelimit``.
+skips that; the engines' job then ends at its ``--time`` limit.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -30,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cnn.parallel.cluster import MPICluster  # noqa: E402
+from study.cluster import MPICluster  # noqa: E402
 
 TEMPLATE = """#!/bin/bash
 #SBATCH --job-name=ipengine-{cluster_id}
@@ -78,11 +84,13 @@ class SlurmMPICluster(MPICluster):
 
 
 def slurm_cluster(n: int, nodes: int = 1, cpus_per_task: int = 1, timelimit: str = "01:00:00",
-                  account: str | None = None, start_timeout: float = 900.0) -> SlurmMPICluster:
-    """An :class:`MPICluster` whose engines are a SLURM job of ``n`` MPI ranks.
-
-    ``start_timeout`` covers the time the job waits in the queue.
-    """
+                  account: str | None = None, start_timeout: float = 900.0
+                  ) -> SlurmMPICluster:
+    """An (unstarted) `MPICluster` whose engines are a SLURM job of ``n`` MPI ranks, stopped
+    by SIGTERM/SIGHUP too (:class:`SlurmMPICluster`)."""
+    if n < 1 or nodes < 1 or cpus_per_task < 1:
+        raise ValueError(f"n, nodes and cpus_per_task must be >= 1, got {n}, {nodes}, "
+                         f"{cpus_per_task}")
     template = TEMPLATE.format(
         cluster_id="{cluster_id}", n=n, nodes=nodes, cpus_per_task=cpus_per_task,
         timelimit=timelimit, account_line=f"#SBATCH --account={account}" if account else "",
@@ -97,8 +105,23 @@ def slurm_cluster(n: int, nodes: int = 1, cpus_per_task: int = 1, timelimit: str
                            threads=cpus_per_task)
 
 
-if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    nodes = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    with slurm_cluster(n, nodes) as cl:
+def main(argv: list[str] | None = None) -> int:
+    head, _, rest = (__doc__ or "").partition("\n\n")
+    p = argparse.ArgumentParser(prog="scripts/ipp_slurm.py", description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("n", type=int, nargs="?", default=4, help="MPI ranks (engines), default 4")
+    p.add_argument("--nodes", type=int, default=1, help="nodes to spread them over")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="cores (threads) per rank")
+    p.add_argument("--time", default="01:00:00", help="SLURM time limit of the engines' job")
+    p.add_argument("--account", default=None, help="SLURM account to charge")
+    p.add_argument("--start-timeout", type=float, default=900.0,
+                   help="seconds to wait for the engines, queueing included")
+    args = p.parse_args(argv)
+    with slurm_cluster(args.n, args.nodes, args.cpus_per_task, args.time, args.account,
+                       args.start_timeout) as cl:
         print(cl.info.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

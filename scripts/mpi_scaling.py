@@ -1,95 +1,88 @@
 #!/usr/bin/env python
-"""The MPI scaling and accuracy measurements of notebook 04, as one command each.
+"""The MPI measurements of notebook 04 from the shell (`study.experiments.mpi`).
 
-    # weak + strong scaling of every strategy (numba, 1 thread per rank), the issue's targets
-    .venv/bin/python scripts/mpi_scaling.py --scale standard --backend numba --only scaling
-    # hybrid ranks x threads (numba), P * T = physical cores
-    .venv/bin/python scripts/mpi_scaling.py --scale standard --backend numba --only hybrid
-    # accuracy of every strategy vs sequential on Fashion-MNIST at equal epochs
-    .venv/bin/python scripts/mpi_scaling.py --scale standard --backend numpy --only accuracy
-    # the communication measurements behind the cost model
-    .venv/bin/mpiexec -n 2 .venv/bin/python -m cnn.parallel.costmodel \\
-        --save results/mpi_costmodel_raw.pkl
+    .venv/bin/python scripts/mpi_scaling.py --scale quick       # smoke run -> build/quick
+    .venv/bin/python scripts/mpi_scaling.py --scale standard --parts scaling
+    .venv/bin/python scripts/mpi_scaling.py --scale standard --parts hybrid,accuracy,costmodel
+    .venv/bin/python scripts/mpi_scaling.py --scale standard --parts scaling --oversubscribe
+    .venv/bin/python scripts/mpi_scaling.py --scale full --parts scaling --ranks 1,2,4,8,16
 
-Runs go through ``mpiexec`` (``--via mpiexec``, the default here) or ipyparallel MPI
-engines (``--via ipyparallel``, what the notebook does); the numbers are the same runs.
-Each experiment is written to ``results/mpi_<experiment>.pkl`` (rows measured on other
-hosts are kept) and summarised on stdout, with the targets checked for scaling.
+Every run is a fresh ``mpiexec -n P python -m cnn.parallel.mpi`` (or ``python -m
+cnn.train``) job, trials interleaved with the sequential baseline of the same
+configuration; start-up and the first step are measured apart. Rows go to
+``results/mpi_<part>_runs.pkl`` (quick: ``build/quick/results``; rows of other hosts are
+kept), then the headlines, the scaling table and the start-up amortisation table are
+printed; ``--figures`` also draws the figures. Sizes: ``study/config.py`` ("mpi").
 Run it on a quiet machine: other load on the cores shows up in every number.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cnn.parallel import cluster as C  # noqa: E402
-from cnn.results import save_results  # noqa: E402
+import pandas as pd  # noqa: E402
 
-EXPERIMENTS = ("scaling", "hybrid", "accuracy")
+from study import schema  # noqa: E402
+from study.config import DEFAULT_SCALE, preset  # noqa: E402
+from study.experiments import mpi  # noqa: E402
+from study.experiments import mpi_analysis as A  # noqa: E402
+
+
+def parse_ranks(text: str) -> list[int]:
+    try:
+        ranks = sorted({int(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ranks takes numbers like 1,2,4, got {text!r}"
+                                         ) from None
+    if not ranks or ranks[0] < 1:
+        raise argparse.ArgumentTypeError(f"--ranks must be positive, got {text!r}")
+    return ranks
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--scale", default="quick", choices=list(C.SCALES))
-    p.add_argument("--backend", default="numpy", help="numpy | numba")
-    p.add_argument("--only", default=",".join(EXPERIMENTS),
-                   help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
-    p.add_argument("--via", default="mpiexec", choices=["mpiexec", "ipyparallel"])
-    p.add_argument("--ranks", default=None, help="rank counts, e.g. 1,2,3 (default: "
-                   "1..physical cores + 1)")
-    p.add_argument("--mpi-args", default="", help="extra mpiexec arguments, e.g. "
-                   "'-bind-to core'")
-    p.add_argument("--results", default=str(ROOT / "results"))
+    head, _, rest = (__doc__ or "").partition("\n\n")
+    p = argparse.ArgumentParser(prog="scripts/mpi_scaling.py", description=head,
+                                epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=schema.SCALES, default=DEFAULT_SCALE,
+                   help=f"sizes from study/config.py (default {DEFAULT_SCALE})")
+    p.add_argument("--parts", default=",".join(mpi.PARTS),
+                   help=f"comma-separated subset of {', '.join(mpi.PARTS)} (default: all)")
+    p.add_argument("--ranks", type=parse_ranks, default=None,
+                   help="scaling: process counts, e.g. 1,2,3 (default: 1 .. physical cores)")
+    p.add_argument("--oversubscribe", action=argparse.BooleanOptionalAction, default=None,
+                   help="scaling: also measure P = physical cores + 1 (flagged); default: "
+                        "only at --scale full")
+    p.add_argument("--backend", choices=["numpy", "numba"], default=None,
+                   help="backend of the scaling, accuracy and cost-model runs (default: the "
+                        "preset's; hybrid always uses numba)")
+    p.add_argument("--figures", action="store_true", help="draw the figures too")
+    p.add_argument("--quiet", action="store_true", help="no per-trial log lines")
     args = p.parse_args(argv)
-    only = [x for x in args.only.split(",") if x]
-    unknown = set(only) - set(EXPERIMENTS)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(mpi.PARTS))
     if unknown:
-        p.error(f"unknown experiments {sorted(unknown)}")
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
-    results = Path(args.results)
-    pd.set_option("display.width", 160)
-    pd.set_option("display.max_columns", 20)
-    ok = True
-    with C.Runner(via=args.via, mpi_args=args.mpi_args.split()) as runner:
-        if "scaling" in only:
-            df = C.run_plan(C.scaling_plan(args.scale, args.backend, ranks=ranks), runner)
-            save_results(df, results / "mpi_scaling.pkl", merge_on=["mode", "strategy",
-                                                                       "processes", "threads"])
-            s = C.summarize_scaling(df)
-            print(s[["mode", "strategy", "processes", "batch_size", "step_s", "throughput",
-                     "speedup", "efficiency", "comm_share", "epoch_s"]].round(3)
-                  .to_string(index=False))
-            targets = C.check_targets(s)
-            print(targets.to_string(index=False))
-            ok &= bool(targets["ok"].all())
-        if "hybrid" in only:
-            df = C.run_plan(C.hybrid_plan(args.scale, args.backend), runner)
-            save_results(df, results / "mpi_hybrid.pkl", merge_on=["mode", "strategy",
-                                                                      "processes", "threads"])
-            s = C.summarize_scaling(df)
-            print(s[["strategy", "processes", "threads", "step_s", "throughput", "speedup",
-                     "efficiency", "comm_share"]].round(3).to_string(index=False))
-        if "accuracy" in only:
-            df = C.run_plan(C.accuracy_plan(args.scale, args.backend), runner)
-            save_results(df, results / "mpi_accuracy.pkl", merge_on=["strategy", "epoch"])
-            last = df[df["epoch"] == df["epoch"].max()]
-            seq = float(last.loc[last["strategy"] == "sequential", "test_acc"].iloc[0])
-            view = last[["strategy", "processes", "batch_size", "epoch", "test_acc",
-                         "wall_s"]].copy()
-            view["vs_sequential_points"] = (view["test_acc"] - seq) * 100
-            print(view.round(4).to_string(index=False))
-    return 0 if ok else 1
+        p.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(mpi.PARTS)}")
+    mpi.run(args.scale, parts=parts, log=None if args.quiet else print, ranks=args.ranks,
+            oversubscribe=args.oversubscribe, backend=args.backend)
+    frames = mpi.load(args.scale)
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.max_colwidth", 70):
+        print(A.headline_table(frames)[["headline", "value", "anomaly"]].to_string(index=False))
+        if A.SCALING in frames:
+            print(A.scaling_table(frames[A.SCALING]).to_string(index=False))
+            steps = preset("mpi", args.scale)["amortise_steps"]
+            print(A.amortisation_table(frames[A.SCALING], steps).to_string(index=False))
+    if args.figures:
+        from study.figures import mpi as figs
+
+        figs.scaling(frames, args.scale)
+        figs.comm_split(frames, args.scale)
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python -m study notebooks --only 01,06 --scale quick
     python -m study summary [--readme] [--draft]
     python -m study report [--draft]
-    python -m study export mpi_scaling out.csv
+    python -m study export mpi_scaling_runs out.csv
     python -m study schema                       # the results columns, typed
 
 ``quick`` writes under build/quick and never touches the committed results, images,
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--draft", action="store_true", help="allow a dirty tree (watermarked)")
     rep.add_argument("--out", default=None, help="PDF path (default report.pdf)")
     e = scaled("export", "write a results file as CSV or Parquet for sharing")
-    e.add_argument("name", help="results file stem, e.g. mpi_scaling")
+    e.add_argument("name", help="results file stem, e.g. mpi_scaling_runs")
     e.add_argument("dest", help="output path ending in .csv or .parquet")
     sub.add_parser("schema", help="print the results schema")
     return p

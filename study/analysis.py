@@ -115,20 +115,25 @@ def latest_session(df: pd.DataFrame | None) -> pd.DataFrame:
 
 def speedups(df: pd.DataFrame, value: str = "samples_per_s", *, higher_is_better: bool = True,
              group: Sequence[str] = ("host", "session", "config"),
-             series: Sequence[str] = ("strategy",)) -> pd.DataFrame:
+             series: Sequence[str] = ("strategy",),
+             baseline_query: str | None = None) -> pd.DataFrame:
     """Speedup and efficiency of every (series, workers) point of each ``group``.
 
     The baseline of a group is its best one-worker series (highest median throughput or
     lowest median time among rows with ``workers == 1``), measured in the same session
-    and configuration. Returns one row per point: ``group`` and ``series`` columns,
-    ``workers``, the value's median/CI, ``speedup`` (+ ``speedup_lo``/``_hi``),
-    ``efficiency`` (+ CI), ``baseline`` (its series label) and ``anomaly``.
+    and configuration; ``baseline_query`` (a ``DataFrame.query`` expression, e.g.
+    ``"processes == 1"``) narrows the rows a baseline may come from. Returns one row per
+    point: ``group`` and ``series`` columns, ``workers``, the value's median/CI,
+    ``speedup`` (+ ``speedup_lo``/``_hi``), ``efficiency`` (+ CI), ``baseline`` (its series
+    label) and ``anomaly``.
     """
     group, series = list(group), list(series)
     rows = []
     for gkey, g in df.groupby(group, sort=False, dropna=False):
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         one = g[pd.to_numeric(g["workers"]) == 1]
+        if baseline_query:
+            one = one.query(baseline_query)
         base_label, base_vals = None, None
         for skey, s in one.groupby(series, sort=False, dropna=False):
             vals = _clean(s[value])
@@ -250,9 +255,13 @@ class Headline:
         return d
 
 
-BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}"}
+BOUND_FORMATS = {"x": "{:.2f}", "points": "{:+.2f}", "s": "{:.1f}", "ms": "{:.1f}",
+                 "modelled %": "{:.1%}"}
+#: "error": a relative error; "modelled %": a model's efficiency (not a measurement, and
+#: kept apart from the measured "%" ones).
 FORMATS = {"x": "{:.2f}x", "%": "{:.1%}", "acc": "{:.2%}", "points": "{:+.2f} pts",
-           "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms"}
+           "samples/s": "{:,.0f}", "s": "{:.1f} s", "ms": "{:.1f} ms", "error": "{:.1%}",
+           "modelled %": "{:.1%} (model)"}
 
 
 def not_measured(key: str, label: str, why: str) -> Headline:

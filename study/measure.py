@@ -349,14 +349,16 @@ def find_mpiexec() -> str:
 
 
 def run_cli(cmd: Sequence[str], *, metrics_flag: str = "--save-metrics", timeout: float = 3600,
-            env: Mapping[str, str] | None = None, what: str | None = None) -> pd.DataFrame:
+            env: Mapping[str, str] | None = None, what: str | None = None,
+            progress_flag: str | None = "--no-progress") -> pd.DataFrame:
     """Run a library CLI in a fresh process; its ``--save-metrics`` frame, with
     ``startup_s`` = the process's wall time minus the training wall time it reports
-    (interpreter, imports, data, JIT cache load, MPI start: the fixed cost of a run)."""
+    (interpreter, imports, data, JIT cache load, MPI start: the fixed cost of a run).
+    ``progress_flag`` is None for a CLI without a progress bar (cnn.parallel.costmodel)."""
     what = what or " ".join(cmd[:4])
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "metrics.pkl"
-        full = [*cmd, "--no-progress", metrics_flag, str(out)]
+        full = [*cmd, *([progress_flag] if progress_flag else []), metrics_flag, str(out)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,

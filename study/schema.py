@@ -69,6 +69,7 @@ COLUMNS: dict[str, Column] = {
     "session": _c("str", "id of the sitting whose runs were interleaved", True),
     "anomaly": _c("str", "why this row must not be read as a finding ('' if none)", True),
     # what it measured
+    "global_batch": _c("float", "samples per step over all workers (workers x batch_size)"),
     "epochs": _c("float", "epochs of training the row covers"),
     "samples": _c("float", "training samples processed"),
     "wall_s": _c("float", "training wall seconds (start-up and JIT excluded)"),
@@ -107,6 +108,9 @@ COLUMNS: dict[str, Column] = {
     "dropped": _c("float", "gradients dropped by backup workers"),
     "straggler": _c("str", "straggler setting (RANK:FACTOR, exp:MEAN_MS, or '')"),
     "momentum_mode": _c("str", "HOGWILD momentum option: local | shared | scaled"),
+    "worker_momentum": _c("float", "momentum each HOGWILD worker used (scaled lowers it)"),
+    "rank_steps": _c("object", "steps each rank (HOGWILD: worker) computed (list; a "
+                     "parameter server computes none)"),
     "target_acc": _c("float", "accuracy threshold of time_to_target_s"),
     # correctness checks
     "quantity": _c("str", "what a check compares: logits, loss, a gradient's name, weights"),
@@ -139,6 +143,9 @@ COLUMNS: dict[str, Column] = {
     # peers
     "peer": _c("str", "what the row is compared with (torch-ddp, joblib-kfold, ...)"),
     "torch_threads": _c("float", "torch.get_num_threads() in the run"),
+    "joblib_version": _c("str", "joblib.__version__ of a joblib row"),
+    "warm_workers": _c("float", "pool processes the untimed warm-up reached (joblib-kfold)"),
+    "pool_startup_s": _c("float", "start of the worker processes inside the run, seconds"),
     "tf32": _c("bool", "whether TF32 tensor cores were allowed (GPU rows)"),
     # k-fold
     "folds": _c("float", "number of folds"),
@@ -160,6 +167,7 @@ COLUMNS: dict[str, Column] = {
     # cost model
     "bytes": _c("float", "message size, bytes"),
     "time_s": _c("float", "measured seconds of one operation"),
+    "time_min_s": _c("float", "fastest of the repeats of one operation (steadier on a busy host)"),
     "predicted_s": _c("float", "what the cost model predicted"),
     "rel_error": _c("float", "(predicted - measured) / measured"),
     "network": _c("str", "network the cost model extrapolates to"),

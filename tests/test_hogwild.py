@@ -17,6 +17,7 @@ from cnn.parallel.hogwild import SHM_PREFIX, HogwildWorkerError, parse_args, run
 from cnn.train import build_network, fit, make_training
 
 TIMING = {"wall_s", "compile_s", "step_ms_median", "step_ms_iqr", "samples_per_s", "startup_s",
+          "rank_compute_ms", "rank_delay_ms",
           "step_cpu_ms", "lock_wait_s", *MACHINE_COLUMNS}
 
 

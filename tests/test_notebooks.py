@@ -21,9 +21,14 @@ PROMISES: dict[str, tuple[set[str], set[str]]] = {
                                 "baseline_samples_digits"}),
     "02_numba_cpu": ({"kernels"}, {"kernels_throughput", "kernels_time"}),
     "03_numba_cuda": ({"gpu_simulator_check"}, {"gpu_simulator_check"}),
-    "04_mpi_data_parallel": (set(), set()),
-    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs"},
-                               {"hogwild_speedup", "hogwild_accuracy", "kfold_speedup"}),
+    "04_mpi_data_parallel": ({"mpi_scaling_runs", "mpi_hybrid_runs", "mpi_accuracy_runs",
+                              "mpi_costmodel_runs"},
+                             {"mpi_speedup", "mpi_comm_split", "mpi_amortisation", "mpi_hybrid",
+                              "mpi_accuracy", "mpi_costmodel_check",
+                              "mpi_costmodel_extrapolation"}),
+    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs", "peers"},
+                               {"hogwild_speedup", "hogwild_accuracy", "kfold_speedup",
+                                "peers_throughput", "peers_ratio"}),
     "06_speedup_summary": (set(), {"summary_speedup", "summary_efficiency"}),
 }
 

@@ -282,9 +282,8 @@ def test_training_on_digits_reaches_reference_accuracy():
 # --- the on-disk JIT cache ---------------------------------------------------------------
 
 _FIRST_STEP = textwrap.dedent("""
-    import time
-    t0 = time.perf_counter()
     import numpy as np
+    from cnn.backends import numba_cpu
     from cnn.models import seed_cnn
     from cnn.optim import SGD
     net = seed_cnn((1, 8, 8), padding=1, backend="numba")
@@ -293,23 +292,36 @@ _FIRST_STEP = textwrap.dedent("""
     net.loss_and_grad(rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
                       rng.integers(0, 10, 16))
     opt.step()
-    print("SECONDS", time.perf_counter() - t0)
+    hits = misses = 0
+    for name in dir(numba_cpu.kernels):
+        stats = getattr(getattr(numba_cpu.kernels, name), "stats", None)
+        if stats is not None:
+            hits += sum(stats.cache_hits.values())
+            misses += sum(stats.cache_misses.values())
+    print("CACHE", hits, misses)
 """)
 
 
-def _first_step_seconds(cache_dir: Path) -> float:
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+def _cache_hits_and_misses(cache_dir: str) -> tuple[int, int]:
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
     out = subprocess.run([sys.executable, "-c", _FIRST_STEP], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return float(out.stdout.split("SECONDS")[-1])
+    hits, misses = out.stdout.split("CACHE")[-1].split()
+    return int(hits), int(misses)
 
 
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
-    cold = _first_step_seconds(tmp_path)
-    assert any(tmp_path.rglob("*.nbi")), "nothing was written to NUMBA_CACHE_DIR"
-    warm = _first_step_seconds(tmp_path)
-    assert warm < 0.5 * cold and warm < 15, (cold, warm)
+    """A second process finds every kernel of a step in the on-disk cache: no compile.
+
+    Uses the suite's cache (``$NUMBA_CACHE_DIR``, warmed by the other tests), so it only
+    compiles cold when run alone; counts Numba's own cache hits, not seconds.
+    """
+    cache = os.environ.get("NUMBA_CACHE_DIR") or str(tmp_path)
+    _cache_hits_and_misses(cache)  # fills the cache if it was cold
+    hits, misses = _cache_hits_and_misses(cache)
+    assert any(Path(cache).rglob("*.nbi")), "nothing was written to NUMBA_CACHE_DIR"
+    assert hits > 0 and misses == 0, (hits, misses)
 
 
 def test_unwritable_cache_dir_is_a_clear_error(monkeypatch, tmp_path):

@@ -25,9 +25,15 @@ def _nvidia_driver_present() -> bool:
     )
 
 
-def test_host_and_cpu_are_nonempty_strings():
-    assert isinstance(runinfo.host(), str) and runinfo.host()
-    assert isinstance(runinfo.cpu_model(), str) and runinfo.cpu_model().strip()
+def test_host_and_cpu_are_this_machines():
+    import socket
+
+    assert runinfo.host() == socket.gethostname()
+    with open("/proc/cpuinfo") as fh:
+        names = [line.split(":", 1)[1].strip() for line in fh
+                 if line.split(":")[0].strip() in ("model name", "Model name")]
+    if names:
+        assert runinfo.cpu_model() == names[0]
 
 
 def test_cpu_count():
@@ -81,6 +87,23 @@ def test_mpi_version_without_initialising_mpi_here():
     assert isinstance(line, str) and line and "\n" not in line
     if not already:
         assert "mpi4py.MPI" not in sys.modules
+
+
+def test_git_commit_is_head_and_says_dirty(tmp_path):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    (tmp_path / "f.txt").write_text("a\n")
+    git("init", "-q")
+    git("add", "f.txt")
+    git("-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qm", "x")
+    head = git("rev-parse", "--short", "HEAD")
+    assert runinfo.git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b\n")
+    assert runinfo.git_commit(tmp_path) == head + "-dirty"
 
 
 def test_git_commit_looks_like_hex():

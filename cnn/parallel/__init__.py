@@ -2,7 +2,6 @@
 
 - :mod:`cnn.parallel.mpi`: MPI data parallelism (allreduce, parameter server sync/async,
   model averaging, hybrid ranks x threads), run as ``mpiexec -n P python -m cnn.parallel.mpi``.
-- :mod:`cnn.parallel.cluster`: ipyparallel helpers that start MPI engines from a notebook.
 - :mod:`cnn.parallel.costmodel`: latency/bandwidth measurements and a ring-allreduce cost model.
 - :mod:`cnn.parallel.hogwild`, :mod:`cnn.parallel.kfold`: shared-memory HOGWILD and k-fold.
 

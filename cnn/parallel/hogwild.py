@@ -32,9 +32,17 @@ How it is built here:
   epoch, every worker sees a different random subset every epoch, and with ``W=1``
   the run *is* sequential SGD, bit for bit. The lr of a step is the schedule at its
   global batch index, so the schedule spans the whole run whatever ``W``.
-* **Optimiser state is per worker.** Momentum (or Adam) buffers live in each worker's
-  private memory and only accumulate that worker's own gradients; only the weights
-  are shared. (Sharing the velocity would make the momentum update itself racy.)
+* **Optimiser state is per worker** by default (``--hogwild-momentum local``, as PyTorch's
+  mnist_hogwild): momentum (or Adam) buffers live in each worker's private memory and only
+  accumulate its own gradients. ``shared`` puts one velocity in the segment, updated
+  without a lock like the weights; ``scaled`` keeps it private with a momentum lowered for
+  W workers (:mod:`cnn.parallel.hogwild_variants`).
+* **Uneven workers.** ``--assign dynamic`` replaces the static shards: each worker claims
+  the next unclaimed global batch of the epoch (a counter in the segment, under a lock),
+  so a slow worker takes fewer batches. ``--straggler W:F`` / ``--straggler-dist`` slow a
+  worker's gradient down (:mod:`cnn.parallel.delays`; it sleeps before its update);
+  ``--eval-every N`` has the worker that applied global step N, 2N, ... send a copy of
+  the weights, evaluated after training.
 * **Epoch ends.** Workers meet the parent at the end of each epoch, so it can snapshot the
   weights for the per-epoch test accuracy; snapshots are evaluated after training,
   outside the timed region. Each worker has its own start semaphore, released once per
@@ -56,7 +64,7 @@ How it is built here:
   or SIGUSR1 to the parent finish the epoch, checkpoint and stop (exit status 75); if the
   signal also killed the workers (sent to the whole process group), the last epoch's
   checkpoint stands and the exit status is 75 as well. Ctrl-C stops at once (status 130),
-  keeping the completed epochs' checkpoint.
+  keeping the completed epochs' checkpoint. (``--eval-every`` runs are not checkpointed.)
 * **Failure.** A worker that raises sends its traceback and exits; one that dies
   without a word (segfault, ``os._exit``, OOM kill) is seen by polling exit codes
   every 0.2 s. Either way the parent terminates the others, unlinks the segment and
@@ -87,10 +95,17 @@ from cnn import cli
 from cnn import data as cdata
 from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import make_row, save_metrics, step_stats, to_frame
-from cnn.parallel.hogwild_checkpoint import (
-    EpochCheckpoint,
-    fit_checkpoint,
-    run_dir,
+from cnn.parallel.delays import Delay, Snapshots, add_curve, add_rank_fields, add_straggler_args
+from cnn.parallel.hogwild_checkpoint import EpochCheckpoint, fit_checkpoint
+from cnn.parallel.hogwild_variants import (
+    MOMENTUM_MODES,
+    check_options,
+    claim_batches,
+    epoch_fields,
+    snapshot_points,
+    stragglers_within,
+    worker_optimizer,
+    worker_summaries,
 )
 from cnn.train import (
     CHECKPOINT,
@@ -104,6 +119,7 @@ from cnn.train import (
 SHM_PREFIX = "cnn_hogwild_"
 _LINE = 8  # int64 slots per worker in the counter table: one 64-byte cache line
 _COUNT, _BUSY = 0, 1
+_NEXT = 2  # line 0 only: the next global batch to claim (--assign dynamic, under its lock)
 _POLL_S = 0.2
 #: Seconds an epoch may take before the run is declared stalled (``--epoch-timeout``).
 EPOCH_TIMEOUT_S = 1800.0
@@ -120,12 +136,14 @@ def _align(n: int, a: int = 64) -> int:
 
 
 def _layout(workers: int, num_params: int, dtype: np.dtype, x: np.ndarray,
-            y: np.ndarray) -> dict[str, Any]:
-    """Offsets of the counter table, the weights and the training set in the segment."""
+            y: np.ndarray, velocity: bool = False) -> dict[str, Any]:
+    """Offsets of the counter table, the weights (and the shared velocity of
+    ``--hogwild-momentum shared``) and the training set in the segment."""
     lay: dict[str, Any] = {"workers": workers, "counters": 0}
     off = _align(workers * _LINE * 8)
-    lay["params"] = (off, (num_params,), np.dtype(dtype).str)
-    off = _align(off + num_params * np.dtype(dtype).itemsize)
+    for key in ("params", "velocity") if velocity else ("params",):
+        lay[key] = (off, (num_params,), np.dtype(dtype).str)
+        off = _align(off + num_params * np.dtype(dtype).itemsize)
     lay["x"] = (off, x.shape, x.dtype.str)
     off = _align(off + x.nbytes)
     lay["y"] = (off, y.shape, y.dtype.str)
@@ -135,7 +153,9 @@ def _layout(workers: int, num_params: int, dtype: np.dtype, x: np.ndarray,
 
 def _views(buf, lay: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {"counters": np.ndarray((lay["workers"], _LINE), np.int64, buffer=buf, offset=0)}
-    for key in ("params", "x", "y"):
+    for key in ("params", "velocity", "x", "y"):
+        if key not in lay:
+            continue
         off, shape, dt = lay[key]
         out[key] = np.ndarray(shape, np.dtype(dt), buffer=buf, offset=off)
     return out
@@ -199,8 +219,19 @@ def _warm_up(args: argparse.Namespace, spec: _Spec, x: np.ndarray, y: np.ndarray
     return time.perf_counter() - t0
 
 
-def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
-    """One HOGWILD worker: its shard of every epoch, updates straight into shared memory."""
+def _my_batches(w: int, spec: _Spec, epoch: int, ctr: np.ndarray, claim):
+    """The batch indices (within ``epoch``) this worker trains on: its static shard, or
+    with ``--assign dynamic`` the next unclaimed batch each time it asks, so a slow worker
+    takes fewer of them."""
+    if claim is None:
+        return iter(shard(w, spec.workers, spec.steps_per_epoch, spec.total_steps, epoch))
+    base = epoch * spec.steps_per_epoch
+    stop = base + min(spec.steps_per_epoch, max(0, spec.total_steps - base))
+    return (g - base for g in claim_batches(ctr[0, _NEXT:_NEXT + 1], claim, stop))
+
+
+def _worker(w: int, spec: _Spec, results, sem, lock, claim=None) -> None:
+    """One HOGWILD worker: its batches of every epoch, updates straight into shared memory."""
     shm = None
     try:
         shm = shared_memory.SharedMemory(name=spec.shm_name)
@@ -208,10 +239,13 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
         ctr, x, y = v["counters"], v["x"], v["y"]
         args, W = spec.args, spec.workers
         net = build_network(args, spec.input_shape, spec.num_classes, params=v["params"])
-        opt, sched = make_training(net, args, spec.steps_per_epoch)
+        opt, sched = worker_optimizer(net, args, v, W, spec.steps_per_epoch)
         if spec.opt_states:  # resumed: this worker's momentum (Adam moments) as saved
             opt.load_state_dict(spec.opt_states[w])
         fault = spec.fault if spec.fault and spec.fault.get("worker") == w else None
+        delay = Delay.for_rank(args, w)
+        snaps = Snapshots(getattr(args, "eval_every", None), spec.steps_per_epoch,
+                          spec.total_steps)
         warm_s = _warm_up(args, spec, x, y)
         results.put(("ready", w, {"pid": os.getpid(), "threads": net.threads,
                                   "device": net.backend.device_name(), "warm_s": warm_s}))
@@ -220,8 +254,9 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
             _wait_release(sem, spec.parent_pid)
             batches = list(cdata.iterate_batches(n, args.batch_size, args.seed, epoch))
             times, losses, stale, overlaps, lock_wait = [], [], [], 0, 0.0
+            first = len(delay.compute_s)
             cpu0 = time.process_time()
-            for k in shard(w, W, spe, spec.total_steps, epoch):
+            for k in _my_batches(w, spec, epoch, ctr, claim):
                 g = epoch * spe + k
                 hook = fault.get("kind", "raise") if fault and g >= fault.get("step", 0) else None
                 if hook == "exit":
@@ -239,6 +274,7 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
                         f"loss became {loss} in worker {w} at epoch {epoch + 1}, global step "
                         f"{g + 1} (lr={sched(g):g}): training diverged. Lower --lr or use "
                         f"fewer workers.")
+                delay.after(time.perf_counter() - t0)  # --straggler: a slow gradient
                 if lock is not None:
                     tl = time.perf_counter()
                     lock.acquire()
@@ -260,10 +296,15 @@ def _worker(w: int, spec: _Spec, results, sem, lock) -> None:
                 losses.append(loss)
                 stale.append(seen_apply - seen_before)
                 overlaps += busy_start or busy_end or seen_end != seen_apply
+                if snaps.due(g + 1):  # --eval-every: a copy for accuracy against time
+                    results.put(("snap", w, {"step": g + 1, "t": time.perf_counter(),
+                                             "params": np.array(v["params"], copy=True)}))
             results.put(("epoch", w, {"epoch": epoch, "times": times, "losses": losses,
                                       "stale": stale, "overlaps": overlaps,
                                       "lock_wait": lock_wait,
                                       "cpu_s": time.process_time() - cpu0,
+                                      "compute": delay.compute_s[first:],
+                                      "slept": delay.slept_s[first:],
                                       **({"opt": opt.state_dict()} if spec.checkpoint else {})}))
         del net, opt, v, ctr, x, y
         results.put(("done", w, None))
@@ -302,8 +343,11 @@ class _Pool:
         # permits (two epochs) and leave another waiting forever
         self.sems = [ctx.Semaphore(0) for _ in range(spec.workers)]
         self.lock = ctx.Lock() if lock else None
+        dynamic = getattr(spec.args, "assign", "static") == "dynamic"
+        self.claim = ctx.Lock() if dynamic else None  # guards the next-batch counter
         self.procs = [ctx.Process(target=_worker, name=f"hogwild-{w}", daemon=True,
-                                  args=(w, spec, self.results, self.sems[w], self.lock))
+                                  args=(w, spec, self.results, self.sems[w], self.lock,
+                                        self.claim))
                       for w in range(spec.workers)]
         self.inbox: list[tuple[str, int, Any]] = []
         self.finished: set[int] = set()
@@ -413,9 +457,9 @@ def run_hogwild(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray] |
     ``return_params`` the final shared weights are returned too, as ``(frame, params)``.
     A diverging loss raises :class:`~cnn.errors.DivergenceError` whose ``frame`` holds
     the rows of the epochs completed before it. With ``args.checkpoint_dir`` every epoch
-    is checkpointed (in :func:`~cnn.parallel.hogwild_checkpoint.run_dir`), ``args.resume``
-    continues from it, and SIGTERM/SIGUSR1 stop the run after checkpointing, raising
-    :class:`cnn.checkpoint.Stopped`.
+    is checkpointed (:class:`~cnn.parallel.hogwild_checkpoint.EpochCheckpoint`),
+    ``args.resume`` continues from it, and SIGTERM/SIGUSR1 stop the run after
+    checkpointing, raising :class:`cnn.checkpoint.Stopped`.
     """
     signals = (signal.SIGTERM, signal.SIGUSR1) if getattr(args, "checkpoint_dir", None) else ()
     with ckpt_io.StopFlag(signals) as flag:
@@ -444,40 +488,36 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
         args = argparse.Namespace(**{**vars(args), "threads": 1})
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    check_options(args, W)
     epoch_timeout = EPOCH_TIMEOUT_S if args.epoch_timeout is None else args.epoch_timeout
     ncls = int(max(y.max(), test[1].max() if test is not None else 0)) + 1
     spe = math.ceil(len(y) / args.batch_size)
     total = spe * args.epochs if args.max_steps is None else min(args.max_steps, spe * args.epochs)
     net = build_network(args, x.shape[1:], ncls)  # initial weights, and evaluation later
-    lay = _layout(W, net.num_params, net.dtype, x, y)
+    shared_v = getattr(args, "hogwild_momentum", "local") == "shared"
+    lay = _layout(W, net.num_params, net.dtype, x, y, velocity=shared_v)
     strategy = "hogwild-locked" if args.lock else "hogwild"
-    ck, saved = None, None
-    if getattr(args, "checkpoint_dir", None):
-        ck = EpochCheckpoint(run_dir(args.checkpoint_dir, strategy, W), args, {
-            "workers": W, "lock": bool(args.lock), "train_samples": len(y),
-            "network": {k: v for k, v in net.config().items() if k != "seed"},
-            "steps_per_epoch": spe, "total_steps": total})
-        if args.resume and ck.exists():
-            saved = ck.load()
-            if log:
-                log(f"resumed from {ck.path} after epoch {saved['epochs_done']} (step "
-                    f"{saved['global_step']})")
+    ck = EpochCheckpoint.for_run(args, strategy, net, len(y), spe, total)
+    saved = ck.load() if ck is not None and args.resume and ck.exists() else None
 
     import multiprocessing as mp
     ctx = mp.get_context(args.start_method)
     shm = shared_memory.SharedMemory(create=True, size=lay["size"],
                                      name=f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}")
     pool, failure, stopped = None, None, None
-    snapshots, epochs_stats, walls = [], [], []
-    first, ready, startup_s, saved_step = 0, {}, math.nan, 0
-    if saved is not None:
+    snapshots, epochs_stats, walls, starts = [], [], [], []
+    first, ready, startup_s = 0, {}, math.nan
+    if saved is not None:  # resumed: the finished epochs' weights and statistics
         snapshots, epochs_stats, walls = saved["snapshots"], saved["stats"], saved["walls"]
         first, ready, startup_s = saved["epochs_done"], saved["ready"], saved["startup_s"]
-        saved_step = saved["global_step"]
+        starts = [math.nan] * first
     try:
         v = _views(shm.buf, lay)
         v["counters"][...] = 0
+        v["counters"][0, _NEXT] = first * spe  # --assign dynamic claims from here
         v["params"][...] = net.params if saved is None else saved["params"]
+        if shared_v:
+            v["velocity"][...] = 0  # a resumed worker loads the saved one (its opt state)
         v["x"][...] = x
         v["y"][...] = y
         spec = _Spec(shm.name, lay, args, tuple(x.shape[1:]), ncls, W, spe, total, os.getpid(),
@@ -489,16 +529,16 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
                 t_start = time.perf_counter()
                 pool.start()
                 ready_now = pool.collect("ready", timeout=args.startup_timeout)
-                startup_now = time.perf_counter() - t_start
+                started = time.perf_counter() - t_start
                 if saved is None:  # the first start's JIT and start-up are the run's
-                    ready, startup_s = ready_now, startup_now
+                    ready, startup_s = ready_now, started
                 if log:
                     log(f"HOGWILD: {W} worker process(es) ({args.start_method}), "
                         f"{'locked updates' if args.lock else 'lock-free'}, segment "
-                        f"{shm.name} ({lay['size'] / 2**20:.1f} MiB), started in "
-                        f"{startup_now:.1f} s")
+                        f"{shm.name} ({lay['size'] / 2**20:.1f} MiB), started in {started:.1f} s")
             for epoch in range(first, spec.epochs_run):
                 t0 = time.perf_counter()
+                starts.append(t0)
                 pool.release()
                 stats = pool.collect("epoch", timeout=epoch_timeout, epoch=epoch)
                 walls.append(time.perf_counter() - t0)
@@ -506,11 +546,10 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
                 opt_states = [stats[w].pop("opt", None) for w in range(W)]
                 epochs_stats.append(stats)
                 if ck is not None:
-                    saved_step = min(total, (epoch + 1) * spe)
                     ck.save(v["params"], snapshots, opt_states, epochs_stats, walls, ready,
-                            startup_s, saved_step)
+                            startup_s, min(total, (epoch + 1) * spe))
                 if flag.requested and epoch + 1 < spec.epochs_run:
-                    stopped = ckpt_io.Stopped(saved_step, ck.path, flag.signum)
+                    stopped = ck.stopped(flag.signum)
                     break
             else:
                 if pool is not None:
@@ -522,8 +561,7 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
                 raise
             # the signal reached the workers too (sent to the process group): the last
             # epoch's checkpoint is where the run stopped
-            stopped = ckpt_io.Stopped(saved_step, ck.path if saved_step else None,
-                                      flag.signum)
+            stopped = ck.stopped(flag.signum)
         final = v["params"].copy()
         del v
     finally:
@@ -537,6 +575,8 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
         raise stopped
     rows, seen, wall = [], 0, 0.0
     info = ready[0]
+    points, copies = snapshot_points(pool.inbox if pool is not None else [], starts, walls,
+                                     spe, args.batch_size, len(y))
     for e, (params, stats) in enumerate(zip(snapshots, epochs_stats, strict=True)):
         net.params[...] = params
         test_loss, test_acc = net.evaluate(*test) if test is not None else (math.nan, math.nan)
@@ -569,13 +609,22 @@ def _run_hogwild(args: argparse.Namespace, train, test, *, log: Any, fault: Any,
             # else the machine is running (a wall-clock-free check of the speedup)
             step_cpu_ms=1e3 * sum(s["cpu_s"] for s in stats.values()) / max(steps, 1),
             updates=steps, start_method=args.start_method, startup_s=startup_s, seed=args.seed,
-            lr=args.lr, momentum=args.momentum, complete_epoch=steps == spe))
+            lr=args.lr, momentum=args.momentum, complete_epoch=steps == spe,
+            **epoch_fields(args, W, stale)))
         if log:
             r = rows[-1]
             log(f"epoch {e + 1:>3}  loss {r['train_loss']:.4f}  test acc {test_acc:.4f}  "
                 f"{r['samples_per_s']:.0f} samples/s  staleness {r['staleness_mean']:.2f} "
                 f"(max {r['staleness_max']})  overlaps {r['overlap_frac']:.1%}")
     df = to_frame(rows)
+    if len(df):
+        add_rank_fields(df, worker_summaries(epochs_stats, W))
+        if getattr(args, "eval_every", None):
+            results = []
+            for params in copies:  # after training: outside the timed region
+                net.params[...] = params
+                results.append(net.evaluate(*test) if test is not None else (math.nan,) * 2)
+            add_curve(df, points, results, spe)
     if failure is not None:
         failure.frame = df
         raise failure
@@ -607,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the workers may take to start (imports, JIT)")
     g.add_argument("--epoch-timeout", type=seconds, default=EPOCH_TIMEOUT_S,
                    help="fail, naming the late worker, if an epoch takes longer (seconds)")
+    g.add_argument("--hogwild-momentum", default="local", choices=MOMENTUM_MODES,
+                   help="local: each worker's own velocity; shared: one velocity in the "
+                        "shared segment, updated without a lock like the weights; scaled: "
+                        "each worker's own, with momentum max(0, 1 - W (1 - mu)) (Mitliagkas "
+                        "et al. 2016)")
+    g.add_argument("--assign", default="static", choices=["static", "dynamic"],
+                   help="worker w takes global batches w, w+W, ... (static), or each worker "
+                        "claims the next unclaimed batch (dynamic: a slow worker takes fewer)")
+    add_straggler_args(p)
     p.set_defaults(experiment="hogwild")
     return p
 
@@ -659,7 +717,8 @@ def compare(args: argparse.Namespace, train=None, test=None, *, workers=(1, 2),
         for w in workers:
             for lock in ([args.lock, True] if also_lock and not args.lock and w > 1
                          else [args.lock]):
-                a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock})
+                a = argparse.Namespace(**{**vars(args), "workers": int(w), "lock": lock,
+                                          "straggler": stragglers_within(args, int(w))})
                 frames.append(run_hogwild(a, train, test, log=log))
     except DivergenceError as exc:  # keep every row measured so far with the error
         done = [f for f in (*frames, exc.frame) if f is not None and len(f)]
@@ -693,6 +752,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    check_options(args, max(args.workers))  # before anything starts
     log = None if args.no_progress else print
     if args.resume:
         ckpt_io.require_resumable(args.checkpoint_dir, f"*/{CHECKPOINT}")

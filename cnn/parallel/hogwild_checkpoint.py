@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cnn import checkpoint as ckpt_io
-from cnn.errors import CheckpointError
+from cnn.errors import CheckpointError, UsageError
 from cnn.train import CHECKPOINT, KEY_FLAGS, RESUME_FREE_FLAGS, resume_args
 
 __all__ = ["HOGWILD_FREE_FLAGS", "EpochCheckpoint", "fit_checkpoint", "hogwild_args",
@@ -56,9 +56,30 @@ class EpochCheckpoint:
         self.path = self.dir / CHECKPOINT
         self.run_args = ckpt_io.jsonable(hogwild_args(args))
         self.identity = ckpt_io.jsonable(identity)
+        self.saved_step = 0
+
+    @classmethod
+    def for_run(cls, args: argparse.Namespace, strategy: str, net: Any, train_samples: int,
+                steps_per_epoch: int, total_steps: int) -> EpochCheckpoint | None:
+        """The checkpoint of one HOGWILD run of ``args`` (None without --checkpoint-dir)."""
+        if not getattr(args, "checkpoint_dir", None):
+            return None
+        if getattr(args, "eval_every", None):
+            raise UsageError("--checkpoint-dir: HOGWILD runs with --eval-every cannot be "
+                             "checkpointed (the workers' copies are not saved); drop one")
+        return cls(run_dir(args.checkpoint_dir, strategy, args.workers), args, {
+            "workers": int(args.workers), "lock": bool(args.lock),
+            "train_samples": int(train_samples),
+            "network": {k: v for k, v in net.config().items() if k != "seed"},
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
 
     def exists(self) -> bool:
         return self.path.exists()
+
+    def stopped(self, signum: int) -> ckpt_io.Stopped:
+        """The stop at the last checkpoint this run wrote (or none yet)."""
+        return ckpt_io.Stopped(self.saved_step, self.path if self.saved_step else None,
+                               signum)
 
     def save(self, params: np.ndarray, snapshots: list[np.ndarray],
              opt_states: list[dict[str, Any]], stats: list[dict[int, dict[str, Any]]],
@@ -82,6 +103,7 @@ class EpochCheckpoint:
                 "walls": list(walls), "ready": {str(w): r for w, r in ready.items()},
                 "startup_s": startup_s}
         ckpt_io.save(self.path, arrays, meta)
+        self.saved_step = global_step
 
     def load(self) -> dict[str, Any]:
         """The saved state, after checking it is this run's (the flags and the identity:
@@ -102,6 +124,7 @@ class EpochCheckpoint:
                 prefix = f"worker{w}/optimizer/"
                 opt_states.append({**m, **{k[len(prefix):]: v for k, v in arrays.items()
                                            if k.startswith(prefix)}})
+            self.saved_step = int(meta["global_step"])
             return {"params": arrays["params"], "snapshots": list(arrays["snapshots"]),
                     "opt_states": opt_states, "epochs_done": int(meta["epochs_done"]),
                     "stats": [{int(w): s for w, s in st.items()} for st in meta["stats"]],

@@ -71,13 +71,15 @@ step, rank 0 writes one checkpoint there, prints ``stopped on SIGUSR1 after step
 and every rank exits with status 75 (``EXIT_REQUEUE``: run the same command with
 ``--resume``; ``scripts/slurm_mpi.sbatch`` requeues the job). Ctrl-C twice interrupts at
 once. A resumed run with another model, dataset, strategy or global batch is refused
-before training, naming the flag; a corrupt checkpoint is refused naming the file.
+before the data loads, naming the flag; a corrupt checkpoint is refused naming the file.
+``--backup-workers`` and ``--eval-every`` runs cannot be checkpointed (refused).
 
 Exit status: 0 done; 2 bad flags, data or checkpoint (every rank, or an abort after a
 rank's CnnError); 1 an unexpected exception (abort, traceback); 75 stopped on a signal
 after checkpointing; a rank killed outright: mpiexec's status for it (e.g. 9).
 
-The strategies themselves live in :mod:`cnn.parallel.mpi_strategies`.
+The strategies themselves live in :mod:`cnn.parallel.mpi_strategies` and
+:mod:`cnn.parallel.mpi_async`.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ from cnn import checkpoint as ckpt_io
 from cnn import cli
 from cnn.errors import CnnError, DivergenceError
 from cnn.metrics import to_frame
+from cnn.parallel.delays import add_straggler_args
+from cnn.parallel.mpi_async import train_async
 from cnn.parallel.mpi_checkpoint import MPICheckpoint
 from cnn.parallel.mpi_strategies import (
     Bucket,
@@ -106,7 +110,6 @@ from cnn.parallel.mpi_strategies import (
     Run,
     make_buckets,
     shard_bounds,
-    train_async,
     train_sync,
 )
 from cnn.train import add_training_args, finish_run, load_data, save_partial_metrics
@@ -153,11 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--server-wait", default="sleep", choices=["sleep", "spin"],
                    help="parameter server: poll with short sleeps (frees the core for a "
                         "worker when ranks share cores) or spin in MPI_Wait")
+    g.add_argument("--backup-workers", type=cli.int_at_least(0), default=0, metavar="B",
+                   help="param-server: apply the mean of the first W-B worker gradients of "
+                        "each step and drop the late ones (Chen et al. 2016)")
+    g.add_argument("--staleness-aware", action="store_true",
+                   help="async-param-server: scale each gradient's lr by its staleness s "
+                        "(--staleness-rule)")
+    g.add_argument("--staleness-rule", default="max1", choices=["max1", "plus1"],
+                   help="--staleness-aware: lr / max(1, s) (Zhang et al. 2016) or lr / (1 + s) "
+                        "(W updates of one global batch add up to one synchronous step)")
+    g.add_argument("--assign", default="static", choices=["static", "dynamic"],
+                   help="async-param-server: worker w takes slice w of every global batch "
+                        "(static), or the server hands the next slice to whichever worker "
+                        "asks (dynamic: a slow worker computes fewer)")
     g.add_argument("--inject-failure", default=None, type=failure_arg,
                    metavar="RANK:STEP:raise|kill|nan|signal",
                    help="testing: make RANK raise an exception, SIGKILL itself, see a NaN "
                         "loss (divergence) or send itself SIGUSR1 (checkpoint and stop, with "
                         "--checkpoint-dir) at its STEP-th training step (1-based)")
+    add_straggler_args(p)
     add_training_args(p)
     p.set_defaults(experiment="mpi")
     return p

@@ -93,6 +93,12 @@ class MPICheckpoint:
         self.flag, self.signal_at = flag, signal_at
         self.trainers, self.global_batch = global_batch(args.strategy, self.size,
                                                         args.batch_size)
+        unsaved = [f for f, on in (("--backup-workers", getattr(args, "backup_workers", 0)),
+                                   ("--eval-every", getattr(args, "eval_every", None))) if on]
+        if unsaved:
+            raise CollectiveError(f"--checkpoint-dir: runs with {' and '.join(unsaved)} cannot "
+                                  f"be checkpointed (their mid-run state is not saved); drop "
+                                  f"--checkpoint-dir or {' and '.join(unsaved)}")
         self.agreed = 0  # the signal every rank agreed to stop on
         self._loaded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self._stop_sent = False
@@ -246,7 +252,7 @@ class MPICheckpoint:
 
     def async_resume(self, net: Any, opt: Any, wbuf: np.ndarray) -> AsyncState:
         """Load (on ``--resume``) and share the server's weights, optimiser and counters;
-        each worker learns how many of its steps were applied. Collective."""
+        each worker learns the piece it computes first. Collective."""
         run = self.run
         st = AsyncState(self, net, opt, wbuf)
         if not self.resume:
@@ -257,10 +263,10 @@ class MPICheckpoint:
             raise CollectiveError(f"--resume: {self.path} holds no asynchronous server state")
         net.load_state_dict(_split("param/", arrays))
         opt.load_state_dict({**meta["optimizer"], **_split("optimizer/", arrays)})
-        st.counts = [int(c) for c in arrays["async/worker_steps"]]
-        st.u, st.applied = int(saved["messages"]), int(saved["applied"])
-        st.loss_sum, st.count, st.wall = saved["loss_sum"], saved["count"], saved["wall"]
-        st.ep_stats = saved["epochs"]
+        st.assigned = [int(c) for c in arrays["async/next_piece"]]
+        st.u, st.applied, st.handed = (int(saved[k]) for k in ("messages", "applied", "handed"))
+        st.loss_sum, st.count, st.seen = saved["loss_sum"], saved["count"], saved["seen"]
+        st.wall, st.ep_stats = saved["wall"], saved["epochs"]
         bounds = np.cumsum([0, *[e.pop("stale_n") for e in st.ep_stats]])
         flat = arrays["async/epoch_stale"]
         for e, lo, hi in zip(st.ep_stats, bounds[:-1], bounds[1:], strict=True):
@@ -270,10 +276,9 @@ class MPICheckpoint:
         ranks = meta.get("extra", {}).get("ranks") or []
         if len(ranks) == run.size:
             run.comm_s = float(ranks[run.rank]["comm_s"])
-        n = net.num_params
-        wbuf[n] = st.applied  # workers' first gradients are read at this version
+        wbuf[net.num_params] = st.applied  # workers' first gradients are read at this version
         if run.rank != 0:
-            st.done = st.counts[run.rank - 1]
+            st.first_piece = st.assigned[run.rank - 1]
         self._loaded = None
         return st
 
@@ -289,36 +294,44 @@ class MPICheckpoint:
 class AsyncState:
     """The asynchronous parameter server's resumable state, and the stop protocol.
 
-    Server: ``u`` (messages handled), ``applied``, the current epoch's staleness list
-    ``stale``, ``loss_sum``/``count``, the finished epochs' ``ep_stats`` and ``snapshots``,
-    ``counts`` (steps applied per worker) and ``wall`` (seconds trained before the resume).
-    Worker: ``done`` (its steps already applied).
+    The server hands out pieces (one worker slice of one global batch, see
+    :func:`cnn.parallel.mpi_async.train_async`); ``assigned[w]`` is the piece worker w+1
+    was last told to compute (-1: none left), which is not applied yet at any cut between
+    two messages. A checkpoint saves it with the server's counters, statistics and
+    snapshots; a resumed worker starts with that piece, so every piece is applied exactly
+    once. A stop drains: the server takes each worker's in-flight gradient without applying
+    it and answers with piece -2, which ends the worker's loop like -1 ("done") does.
     """
+
+    STOP_PIECE = -2
 
     def __init__(self, owner: MPICheckpoint, net: Any, opt: Any, wbuf: np.ndarray):
         self.owner, self.net, self.opt, self.wbuf = owner, net, opt, wbuf
-        W = owner.run.size - 1
-        self.u = self.applied = self.done = 0
-        self.loss_sum = self.count = self.wall = 0.0
+        W = owner.size - 1
+        self.u = self.applied = 0
+        self.handed = W
+        self.loss_sum = self.count = self.seen = self.wall = 0.0
         self.stale: list[int] = []
         self.ep_stats: list[dict[str, Any]] = []
         self.snapshots: list[np.ndarray] = []
-        self.counts = [0] * W
+        self.assigned = list(range(W))  # worker rank r starts with piece r - 1
+        self.first_piece = owner.rank - 1
         self.stopped_at: int | None = None
 
     # --- server ----------------------------------------------------------------------
 
-    def server_after(self, u_done: int, src: int, total_msgs: int, per_epoch_msgs: int,
-                     rbuf: np.ndarray, state: dict[str, Any]) -> bool:
-        """After the server handled message ``u_done`` (from rank ``src``): checkpoint when
-        due, and on a stop request (its own signal, a worker's, or a test's) checkpoint,
-        drain the workers and return True (the server loop then ends)."""
+    def server_after(self, u_done: int, src: int, nxt: int, total_msgs: int,
+                     per_epoch_msgs: int, rbuf: np.ndarray, state: dict[str, Any]) -> bool:
+        """After the server handled message ``u_done`` (from rank ``src``, told to compute
+        piece ``nxt`` next): checkpoint when due, and on a stop request (its own signal, a
+        worker's, or a test's) checkpoint, drain the workers and return True (the server
+        loop then ends)."""
         from mpi4py import MPI
 
         own = self.owner
-        self.counts[src - 1] += 1
+        self.assigned[src - 1] = int(nxt)
         own._inject()
-        W = own.run.size - 1
+        W = own.size - 1
         if u_done == total_msgs:  # the end: the final state, as fit saves it
             self.save(u_done, state)
             return False
@@ -333,19 +346,19 @@ class AsyncState:
         if due or stop:
             self.save(u_done, state)
         if stop:
-            self._drain(rbuf, total_msgs // W)
+            self._drain(rbuf)
             self.stopped_at = u_done // W
         return stop
 
-    def _drain(self, rbuf: np.ndarray, total_steps: int) -> None:
-        """Every worker with steps left has sent (or is sending) one more gradient: take it
-        without applying it and answer with the stop marker; then collect stop notices."""
+    def _drain(self, rbuf: np.ndarray) -> None:
+        """Every worker with a piece has sent (or is sending) its gradient: take it without
+        applying it and answer with the stop piece; then collect stray stop notices."""
         from mpi4py import MPI
 
         comm, n = self.owner.comm, self.net.num_params
-        self.wbuf[n] = -1.0
-        for w, c in enumerate(self.counts):
-            if c < total_steps:
+        self.wbuf[n + 1] = self.STOP_PIECE
+        for w, piece in enumerate(self.assigned):
+            if piece >= 0:
                 comm.Recv(rbuf, source=w + 1, tag=TAG_GRAD)
                 comm.Send(self.wbuf, dest=w + 1, tag=TAG_WEIGHTS)
         while comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_STOP):
@@ -365,27 +378,23 @@ class AsyncState:
         n = self.net.num_params
         arrays["async/snapshots"] = (np.stack(s["snapshots"]) if s["snapshots"] else
                                      np.zeros((0, n), dtype=self.net.dtype))
-        arrays["async/worker_steps"] = np.asarray(self.counts, dtype=np.int64)
-        W = own.run.size - 1
+        arrays["async/next_piece"] = np.asarray(self.assigned, dtype=np.int64)
+        W = own.size - 1
         meta = {"run": own.run_args(), "optimizer": opt_meta,
                 "global_step": u_done // W, "messages": u_done,
-                "async": {"messages": u_done, "applied": s["applied"],
-                          "loss_sum": s["loss_sum"], "count": s["count"], "wall": s["wall"],
-                          "epochs": epochs},
+                "async": {"messages": u_done, "applied": s["applied"], "handed": s["handed"],
+                          "loss_sum": s["loss_sum"], "count": s["count"], "seen": s["seen"],
+                          "wall": s["wall"], "epochs": epochs},
                 "extra": {"mpi": own.mpi_meta(), "ranks": [{"comm_s": own.run.comm_s}]}}
         ckpt_io.save(own.path, arrays, meta)
 
     # --- worker ----------------------------------------------------------------------
 
-    def worker_after(self) -> bool:
-        """After a worker's reply: True if it is the stop marker (the worker stops). A
-        worker that got a signal tells the server once, and goes on until answered."""
+    def worker_after(self) -> None:
+        """After a worker's reply: a worker that got a signal tells the server once (the
+        server then stops everyone, this worker included, with the stop piece)."""
         own = self.owner
         own._inject()
-        if self.wbuf[self.net.num_params] < 0:
-            return True
         if own.flag.requested and not own._stop_sent:
             own.comm.send(own.flag.signum, dest=0, tag=TAG_STOP)
             own._stop_sent = True
-        return False
-

@@ -1,10 +1,17 @@
 """The MPI strategies themselves: the per-rank run context, the step functions and the
-training loops (``train_sync`` through ``cnn.train.fit``, ``train_async`` for the
-asynchronous parameter server).
+synchronous training loop (``train_sync``, through ``cnn.train.fit``); the asynchronous
+parameter server is :mod:`cnn.parallel.mpi_async`.
 
 What each strategy computes, and why the synchronous ones equal one process, is in
 :mod:`cnn.parallel.mpi` (the CLI and driver, ``python -m cnn.parallel.mpi``).
 Everything here is collective: every rank of ``Run.comm`` calls the same functions.
+
+Uneven workers (:mod:`cnn.parallel.delays`): every step function ends its compute with
+``run.straggle(t0)``, which records the compute and sleeps what ``--straggler`` /
+``--straggler-dist`` ask for, before the rank communicates. ``--backup-workers B``
+(param-server, :func:`backup_server_step`), ``--staleness-aware`` and ``--assign dynamic``
+(async-param-server, :func:`train_async`) are the remedies the study compares;
+``--eval-every`` keeps weight copies for accuracy against time, evaluated after training.
 """
 
 from __future__ import annotations
@@ -22,10 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cnn import data as cdata
-from cnn.errors import CnnError, DivergenceError
-from cnn.metrics import make_row, step_stats, to_frame
+from cnn.errors import CnnError
 from cnn.network import Network
+from cnn.parallel.delays import (
+    Delay,
+    Snapshots,
+    add_curve,
+    add_rank_fields,
+    object_column,
+    straggler_label,
+    stragglers,
+)
 from cnn.train import build_network, fit, make_training
 
 TAG_GRAD, TAG_WEIGHTS = 11, 12
@@ -96,6 +110,7 @@ class Run:
     training_rank: bool = True
     nan_due: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    delay: Delay = field(default_factory=Delay)
     #: checkpoint/resume/stop of this run (cnn.parallel.mpi_checkpoint), None without
     #: --checkpoint-dir
     ckpt: Any = None
@@ -137,6 +152,11 @@ class Run:
                 return
             raise RuntimeError(f"injected failure at step {self.steps}")
 
+    def straggle(self, t0: float) -> None:
+        """This step computed since ``t0``: record it and sleep any injected delay
+        (``--straggler``, ``--straggler-dist``) before the rank communicates."""
+        self.delay.after(time.perf_counter() - t0)
+
     def loss(self, value: float) -> float:
         """The loss this rank reports for the step: NaN when an injected one is due."""
         if self.nan_due:
@@ -176,10 +196,11 @@ class Run:
         a = self.args
         return dict(experiment=a.experiment, strategy=strategy, processes=self.size,
                     model=a.model, dataset=a.dataset, batch_per_rank=a.batch_size,
-                    mpi=MPI.Get_library_version().splitlines()[0].strip(), **extra)
+                    mpi=MPI.Get_library_version().splitlines()[0].strip(),
+                    straggler=straggler_label(a), **extra)
 
 
-def _wait(reqs: Sequence[Any], spin: bool, status: Any = None) -> None:
+def wait_all(reqs: Sequence[Any], spin: bool, status: Any = None) -> None:
     """Wait for ``reqs``; with ``spin=False`` poll with short, growing sleeps (up to 0.2 ms)
     so a waiting rank gives its core back to a computing one."""
     from mpi4py import MPI
@@ -201,6 +222,74 @@ def _wait(reqs: Sequence[Any], spin: bool, status: Any = None) -> None:
         delay = min(2 * delay, 2e-4)
 
 
+def wait_any(reqs: list[Any], spin: bool) -> int:
+    """Index of a completed request of ``reqs`` (polled with short sleeps unless ``spin``)."""
+    from mpi4py import MPI
+
+    if spin:
+        return int(MPI.Request.Waitany(reqs))
+    delay = 2e-6
+    while True:
+        idx, done = MPI.Request.Testany(reqs)
+        if done and idx != MPI.UNDEFINED:
+            return int(idx)
+        time.sleep(delay)
+        delay = min(2 * delay, 2e-4)
+
+
+def check_options(run: Run) -> None:
+    """Refuse combinations every rank sees alike (a CollectiveError, exit status 2) and set
+    up this rank's injected delay."""
+    a, P = run.args, run.size
+    server = a.strategy in ("param-server", "async-param-server")
+    B = getattr(a, "backup_workers", 0) or 0
+    if B and a.strategy != "param-server":
+        raise CollectiveError("--backup-workers applies to --strategy param-server only")
+    if B and B >= P - 1:
+        raise CollectiveError(f"--backup-workers {B} leaves no gradient to apply: the server "
+                              f"applies the first W-B of W={P - 1} worker gradients, so B < W "
+                              f"(mpiexec -n {B + 3} or more)")
+    if getattr(a, "staleness_aware", False) and a.strategy != "async-param-server":
+        raise CollectiveError("--staleness-aware applies to --strategy async-param-server only")
+    if getattr(a, "assign", "static") != "static" and a.strategy != "async-param-server":
+        raise CollectiveError("--assign dynamic applies to --strategy async-param-server only "
+                              "(the synchronous strategies split every global batch)")
+    try:
+        slow = stragglers(a)
+    except ValueError as exc:
+        raise CollectiveError(str(exc)) from None
+    for r, f in sorted(slow.items()):
+        if r >= P:
+            raise CollectiveError(f"--straggler {r}:{f:g}: there is no rank {r} in a {P}-rank "
+                                  f"job (ranks 0..{P - 1})")
+        if server and r == 0:
+            raise CollectiveError(f"--straggler 0:{f:g}: rank 0 is the parameter server, which "
+                                  f"computes no gradients; slow a worker (ranks 1..{P - 1})")
+    run.delay = Delay.for_rank(a, run.rank)
+
+
+def evaluate_copies(run: Run, net: Network, copies: Sequence[np.ndarray]
+                    ) -> list[tuple[float, float]]:
+    """(test loss, test accuracy) of each weight copy rank 0 holds, evaluated after training
+    (sharded over every rank, outside the timed region); the weights are restored after.
+    Collective: the other ranks pass an empty list."""
+    n_eval = run.comm.bcast(len(copies) if run.rank == 0 else None, root=0)
+    if not n_eval:
+        return []
+    evaluate = run.sharded_evaluate(net)
+    final = np.array(net.params, copy=True) if run.rank == 0 else None
+    out = []
+    for i in range(n_eval):
+        if run.rank == 0:
+            net.params[...] = copies[i]
+        run.comm.Bcast(net.params, root=0)
+        out.append(evaluate(*run.test))
+    if run.rank == 0:
+        net.params[...] = final
+    run.comm.Bcast(net.params, root=0)
+    return out
+
+
 # --- synchronous strategies: fit() with a replaced step ------------------------------
 
 def allreduce_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
@@ -213,6 +302,7 @@ def allreduce_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
+        t0 = time.perf_counter()
         N = len(yb)
         lo, hi = shard_bounds(N, P, r)
         if hi > lo:
@@ -222,6 +312,7 @@ def allreduce_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
         else:
             grads[...] = 0
             stats[0] = 0.0
+        run.straggle(t0)
         t0 = time.perf_counter()
         comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM)
         comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
@@ -252,6 +343,7 @@ def overlap_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
+        t_compute = time.perf_counter()
         N = len(yb)
         lo, hi = shard_bounds(N, P, r)
         w = (hi - lo) / N
@@ -275,6 +367,7 @@ def overlap_step(run: Run, net: Network, opt: Any) -> Callable[..., float]:
             for b in buckets:
                 start(b.ready_after)
         stats[0] = loss * w
+        run.straggle(t_compute)  # the buckets already started wait for this rank meanwhile
         t0 = time.perf_counter()
         reqs.append(comm.Iallreduce(MPI.IN_PLACE, stats, op=MPI.SUM))
         MPI.Request.Waitall(reqs)
@@ -297,7 +390,7 @@ def server_step(run: Run, net: Network, opt: Any, sendbuf: np.ndarray) -> Callab
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
         t0 = time.perf_counter()
-        _wait([comm.Irecv(recv[w], source=w + 1, tag=TAG_GRAD) for w in range(W)], spin)
+        wait_all([comm.Irecv(recv[w], source=w + 1, tag=TAG_GRAD) for w in range(W)], spin)
         t1 = time.perf_counter()
         grads[...] = recv[0, :n]
         for w in range(1, W):
@@ -306,7 +399,7 @@ def server_step(run: Run, net: Network, opt: Any, sendbuf: np.ndarray) -> Callab
         opt.step(lr=lr)
         sendbuf[n] = loss
         t2 = time.perf_counter()
-        _wait([comm.Isend(sendbuf, dest=w + 1, tag=TAG_WEIGHTS) for w in range(W)], spin)
+        wait_all([comm.Isend(sendbuf, dest=w + 1, tag=TAG_WEIGHTS) for w in range(W)], spin)
         run.comm_s += (t1 - t0) + (time.perf_counter() - t2)
         return loss
 
@@ -321,6 +414,7 @@ def worker_step(run: Run, net: Network, recvbuf: np.ndarray) -> Callable[..., fl
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
+        t0 = time.perf_counter()
         N = len(yb)
         lo, hi = shard_bounds(N, W, w)
         if hi > lo:
@@ -329,11 +423,124 @@ def worker_step(run: Run, net: Network, recvbuf: np.ndarray) -> Callable[..., fl
             send[n] = loss * (hi - lo) / N
         else:
             send[...] = 0
+        run.straggle(t0)
         t0 = time.perf_counter()
         comm.Send(send, dest=0, tag=TAG_GRAD)
         comm.Recv(recvbuf, source=0, tag=TAG_WEIGHTS)  # lands in net.params
         run.comm_s += time.perf_counter() - t0
         return float(recvbuf[n])
+
+    return step
+
+
+def backup_server_step(run: Run, net: Network, opt: Any, sendbuf: np.ndarray,
+                       steps_per_epoch: int, total_steps: int) -> Callable[..., float]:
+    """Synchronous server with ``--backup-workers B`` (Chen et al. 2016): step t applies the
+    sample-weighted mean of the first W-B gradients computed for step t and drops the rest.
+
+    Every worker always has one receive posted. A gradient that arrives for an older step
+    (or during the epoch-end drain) is dropped and its worker is answered at once with the
+    newest weights and the step to compute next, so a late worker is never left behind: it
+    skips the steps it missed. The accepted workers get the new weights and step t+1 once
+    step t is applied. At each epoch's end (and the run's) the server waits for the
+    gradients still in flight, drops them and answers with the epoch's final weights, so
+    every rank holds the same weights for the (collective) evaluation; this costs at most
+    one slow step per epoch. ``run.extra["backup"]`` counts, per epoch, the gradients
+    received and dropped, and, per worker, those applied.
+    """
+    comm, W, B = run.comm, run.size - 1, int(run.args.backup_workers)
+    need = W - B
+    n = net.num_params
+    recv = np.empty((W, n + 3), dtype=net.dtype)  # grads, loss, samples, step computed for
+    spin = run.args.server_wait == "spin"
+    grads = net.grads
+    reqs = [comm.Irecv(recv[w], source=w + 1, tag=TAG_GRAD) for w in range(W)]
+    assigned = [0] * W  # the step each worker was last told to compute
+    tally = run.extra.setdefault("backup", {"received": [], "dropped": [], "applied": [0] * W})
+    state = {"t": 0}
+
+    def answer(w: int, nxt: int) -> None:
+        sendbuf[n + 1] = nxt
+        assigned[w] = nxt
+        wait_all([comm.Isend(sendbuf, dest=w + 1, tag=TAG_WEIGHTS)], spin)
+        if nxt < total_steps:
+            reqs[w] = comm.Irecv(recv[w], source=w + 1, tag=TAG_GRAD)
+
+    def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+        run.tick()
+        t, t0 = state["t"], time.perf_counter()
+        e = t // steps_per_epoch
+        while len(tally["received"]) <= e:
+            tally["received"].append(0)
+            tally["dropped"].append(0)
+        accepted: list[int] = []
+        while len(accepted) < need:
+            w = wait_any(reqs, spin)
+            tally["received"][e] += 1
+            if int(recv[w, n + 2]) == t:
+                accepted.append(w)
+            else:  # computed for a step already applied: too late
+                tally["dropped"][e] += 1
+                answer(w, t)
+        t1 = time.perf_counter()
+        samples = float(sum(recv[w, n + 1] for w in accepted))
+        grads[...] = 0
+        loss = 0.0
+        for w in accepted:
+            if recv[w, n + 1] > 0:
+                np.add(grads, recv[w, :n] * (recv[w, n + 1] / samples), out=grads)
+                loss += float(recv[w, n]) * float(recv[w, n + 1]) / samples
+            tally["applied"][w] += 1
+        opt.step(lr=lr)
+        sendbuf[n] = loss
+        t2 = time.perf_counter()
+        for w in accepted:
+            answer(w, t + 1)
+        if (t + 1) % steps_per_epoch == 0 or t + 1 == total_steps:
+            while any(a <= t for a in assigned):  # late gradients still being computed
+                w = wait_any(reqs, spin)
+                tally["received"][e] += 1
+                tally["dropped"][e] += 1
+                answer(w, t + 1)
+        state["t"] = t + 1
+        run.comm_s += (t1 - t0) + (time.perf_counter() - t2)
+        return loss
+
+    return step
+
+
+def backup_worker_step(run: Run, net: Network, recvbuf: np.ndarray) -> Callable[..., float]:
+    """Worker of ``--backup-workers``: computes the step the server named (its slice of that
+    global batch, unscaled, with its sample count and the step number), then takes the
+    newest weights and the next step to compute; steps the server has moved past are
+    skipped without computing."""
+    comm, W, w = run.comm, run.size - 1, run.rank - 1
+    n = net.num_params
+    send = np.empty(n + 3, dtype=net.dtype)
+    state = {"k": 0, "next": 0, "loss": 0.0}
+
+    def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+        run.tick()
+        k = state["k"]
+        state["k"] = k + 1
+        if state["next"] > k:
+            return state["loss"]
+        t0 = time.perf_counter()
+        lo, hi = shard_bounds(len(yb), W, w)
+        if hi > lo:
+            send[n] = net.loss_and_grad(xb[lo:hi], yb[lo:hi])
+            send[:n] = net.grads
+            send[n + 1] = hi - lo
+        else:
+            send[:n + 2] = 0
+        send[n + 2] = k
+        run.straggle(t0)
+        t0 = time.perf_counter()
+        comm.Send(send, dest=0, tag=TAG_GRAD)
+        comm.Recv(recvbuf, source=0, tag=TAG_WEIGHTS)  # lands in net.params
+        run.comm_s += time.perf_counter() - t0
+        state["next"], state["loss"] = int(recvbuf[n + 1]), float(recvbuf[n])
+        return state["loss"]
 
     return step
 
@@ -353,6 +560,7 @@ def model_average_step(run: Run, net: Network, opt: Any, pbuf: np.ndarray,
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         run.tick()
+        t0 = time.perf_counter()
         N = len(yb)
         lo, hi = shard_bounds(N, P, r)
         g = state["step"]
@@ -360,6 +568,8 @@ def model_average_step(run: Run, net: Network, opt: Any, pbuf: np.ndarray,
         if hi > lo:
             loss = net.loss_and_grad(xb[lo:hi], yb[lo:hi])
             opt.step(lr=lr)
+        run.straggle(t0)
+        run.extra["synced"] = False
         losses.append((g // steps_per_epoch, loss * (hi - lo), hi - lo))
         state["step"] = g + 1
         state["since"] += 1
@@ -371,6 +581,7 @@ def model_average_step(run: Run, net: Network, opt: Any, pbuf: np.ndarray,
             comm.Allreduce(MPI.IN_PLACE, pbuf, op=MPI.SUM)
             run.comm_s += time.perf_counter() - t0
             state["since"] = state["mine"] = state["all"] = 0
+            run.extra["synced"] = True  # every rank holds the same weights now
         return loss
 
     return step
@@ -388,9 +599,11 @@ def train_sync(run: Run) -> tuple[pd.DataFrame, Network]:
     """allreduce / param-server / model-average through ``cnn.train.fit``."""
     from mpi4py import MPI
 
+    check_options(run)
     a, comm, P = run.args, run.comm, run.size
     x, y = run.train
     strategy = a.strategy
+    backup = int(getattr(a, "backup_workers", 0) or 0)
     trainers = P - 1 if strategy == "param-server" else P
     global_batch = trainers * a.batch_size
     steps_per_epoch = math.ceil(len(y) / global_batch)
@@ -400,7 +613,21 @@ def train_sync(run: Run) -> tuple[pd.DataFrame, Network]:
     extra: dict[str, Any] = {}
     losses: list[tuple[int, float, int]] = []
 
-    if strategy == "param-server":
+    if strategy == "param-server" and backup:
+        if total_steps >= 2 ** 24 and a.dtype == "float32":
+            raise CollectiveError("--backup-workers sends step numbers as float32: fewer than "
+                                  "2**24 steps please (or --dtype float64)")
+        net, buf = run.network_in_buffer(2)  # weights + global loss + next step
+        opt, sched = make_training(net, a, steps_per_epoch)
+        if run.rank == 0:
+            run.training_rank = False
+            step = backup_server_step(run, net, opt, buf, steps_per_epoch, total_steps)
+        else:
+            step = backup_worker_step(run, net, buf)
+        comm.Bcast(net.params, root=0)
+        strategy = "param-server-backup"
+        extra.update(train_ranks=trainers, backup_workers=backup)
+    elif strategy == "param-server":
         net, buf = run.network_in_buffer(1)  # weights + global loss
         opt, sched = make_training(net, a, steps_per_epoch)
         if run.rank == 0:
@@ -431,12 +658,31 @@ def train_sync(run: Run) -> tuple[pd.DataFrame, Network]:
         print(net.summary())
         print(f"{strategy}: {P} ranks, {trainers} training, global batch {global_batch} "
               f"({a.batch_size} per rank), {steps_per_epoch} steps/epoch", flush=True)
+    snaps = Snapshots(a.eval_every, steps_per_epoch, total_steps)
+    clock = {"wall": 0.0, "samples": 0.0, "step": 0, "due": False}
+
+    def timed_step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+        """The strategy's step, with the clock and weight copies of ``--eval-every``."""
+        t0 = time.perf_counter()
+        loss = run.loss(step(xb, yb, lr))
+        clock["wall"] += time.perf_counter() - t0
+        clock["samples"] += len(yb)
+        clock["step"] += 1
+        k = clock["step"]
+        # the epoch's end (or the run's) is the epoch row's own point: no copy there
+        end = k % steps_per_epoch == 0 or k == total_steps
+        clock["due"] = not end and (clock["due"] or snaps.due(k))
+        # model-average: copy only weights just averaged (identical on every rank)
+        if clock["due"] and run.rank == 0 and run.extra.get("synced", True):
+            snaps.take(k, clock["wall"], clock["samples"], net.params)
+            clock["due"] = False
+        return loss
+
     comm.Barrier()
     df = fit(net, run.train, run.test, epochs=a.epochs, batch_size=global_batch,
              optimizer=opt, schedule=sched, seed=a.seed, max_steps=a.max_steps,
              progress=False if (a.no_progress or run.rank != 0) else None,
-             step_fn=lambda xb, yb, lr: run.loss(step(xb, yb, lr)),
-             comm_time=run.comm_time, log=_epoch_log(run, strategy),
+             step_fn=timed_step, comm_time=run.comm_time, log=_epoch_log(run, strategy),
              **(run.ckpt.fit_kwargs(net, opt, losses) if run.ckpt is not None else {}),
              **run.row_fields(strategy, **extra))
     if strategy == "model-average" and len(df):
@@ -449,161 +695,17 @@ def train_sync(run: Run) -> tuple[pd.DataFrame, Network]:
         mean = per[:, 0] / np.maximum(per[:, 1], 1)
         df["train_loss"] = mean
         df["final_loss"] = mean
+    results = evaluate_copies(run, net, snaps.params) if a.eval_every else []
+    summaries = comm.gather(run.delay.summary(), root=0)
+    if run.rank == 0 and len(df):
+        add_rank_fields(df, summaries)
+        if a.eval_every:
+            add_curve(df, snaps.points, results, steps_per_epoch)
+        tally = run.extra.get("backup")
+        if tally is not None:
+            for col in ("received", "dropped"):
+                got = tally[col] + [0] * (len(df) - len(tally[col]))
+                df["gradients" if col == "received" else col] = got[:len(df)]
+            applied = [0, *tally["applied"]]  # gradients applied per rank (rank 0 serves)
+            object_column(df, "rank_applied", [applied] * len(df))
     return df, net
-
-
-# --- the asynchronous parameter server -----------------------------------------------
-
-def train_async(run: Run) -> tuple[pd.DataFrame, Network]:
-    """Rank 0 applies gradients as they arrive; workers loop over their slices."""
-    from mpi4py import MPI
-
-    a, comm, P = run.args, run.comm, run.size
-    W = P - 1
-    x, y = run.train
-    global_batch = W * a.batch_size
-    steps_per_epoch = math.ceil(len(y) / global_batch)
-    total_steps = steps_per_epoch * a.epochs
-    if a.max_steps is not None:
-        total_steps = min(total_steps, a.max_steps)
-    net, wbuf = run.network_in_buffer(1)  # weights + version (server: send; worker: recv)
-    n, dtype = net.num_params, net.dtype
-    if W * total_steps >= 2 ** 24 and dtype == np.float32:
-        raise CollectiveError("async-param-server sends versions as float32: fewer than 2**24 "
-                              "updates please (or --dtype float64)")
-    comm.Bcast(net.params, root=0)
-    opt, sched = make_training(net, a, steps_per_epoch)
-    ck = run.ckpt.async_resume(net, opt, wbuf) if run.ckpt is not None else None
-    spin = a.server_wait == "spin"
-    if run.rank == 0:
-        print(net.summary())
-        print(f"async-param-server: 1 server + {W} workers, {a.batch_size} per worker, "
-              f"{steps_per_epoch} global steps/epoch", flush=True)
-    comm.Barrier()
-
-    per_epoch_msgs = W * steps_per_epoch
-    snapshots: list[np.ndarray] = []
-    if run.rank == 0:
-        run.training_rank = False
-        rbuf = np.empty(n + 3, dtype=dtype)  # grads, loss, samples, version
-        status = MPI.Status()
-        applied, stale, ep_stats = 0, [], []
-        loss_sum = count = 0.0
-        t_start = time.perf_counter()
-        u0 = 0
-        if ck is not None:  # a resumed run continues the server's counters and statistics
-            u0, applied, stale, ep_stats = ck.u, ck.applied, ck.stale, ck.ep_stats
-            loss_sum, count, snapshots = ck.loss_sum, ck.count, ck.snapshots
-            t_start -= ck.wall
-        for u in range(u0, W * total_steps):
-            run.tick()
-            _wait([comm.Irecv(rbuf, source=MPI.ANY_SOURCE, tag=TAG_GRAD)], spin, status)
-            src = status.Get_source()
-            n_r = float(rbuf[n + 1])
-            if n_r > 0:
-                stale.append(applied - int(rbuf[n + 2]))
-                net.grads[...] = rbuf[:n]
-                opt.step(lr=sched(min(u // W, total_steps - 1)))
-                applied += 1
-                loss_sum += float(rbuf[n]) * n_r
-                count += n_r
-            wbuf[n] = applied
-            comm.Send(wbuf, dest=src, tag=TAG_WEIGHTS)
-            if (u + 1) % per_epoch_msgs == 0 or u + 1 == W * total_steps:
-                snapshots.append(np.array(wbuf[:n], copy=True))
-                ep_stats.append(dict(wall=time.perf_counter() - t_start, loss=loss_sum / max(
-                    count, 1), samples=count, stale=list(stale), step=(u + 1) // W,
-                    complete=(u + 1) % per_epoch_msgs == 0))
-                loss_sum = count = 0.0
-                stale = []
-            if ck is not None and ck.server_after(
-                    u + 1, src, W * total_steps, per_epoch_msgs, rbuf, dict(
-                        applied=applied, stale=stale, ep_stats=ep_stats, loss_sum=loss_sum,
-                        count=count, snapshots=snapshots,
-                        wall=time.perf_counter() - t_start)):
-                break  # stopped on a signal: checkpointed, workers drained
-        worker_log: list[list[tuple[int, float, float]]] = []
-    else:
-        w = run.rank - 1
-        send = np.empty(n + 3, dtype=dtype)
-        log: list[tuple[int, float, float]] = []  # (epoch, step seconds, comm seconds so far)
-        done = skip = ck.done if ck is not None else 0  # resumed: steps applied before
-        for epoch in range(a.epochs):
-            for idx in cdata.iterate_batches(len(y), global_batch, a.seed, epoch):
-                if done >= total_steps:
-                    break
-                if skip:
-                    skip -= 1
-                    continue
-                t0 = time.perf_counter()
-                run.tick()
-                lo, hi = shard_bounds(len(idx), W, w)
-                if hi > lo:
-                    part = idx[lo:hi]
-                    loss = run.loss(net.loss_and_grad(x[part], y[part]))
-                    if not math.isfinite(loss):
-                        raise DivergenceError(f"loss became {loss} on worker {run.rank} at "
-                                              f"step {done + 1}: lower --lr")
-                    send[:n] = net.grads
-                    send[n], send[n + 1] = loss, hi - lo
-                else:
-                    send[:n + 2] = 0
-                send[n + 2] = wbuf[n]
-                t1 = time.perf_counter()
-                comm.Send(send, dest=0, tag=TAG_GRAD)
-                comm.Recv(wbuf, source=0, tag=TAG_WEIGHTS)
-                t2 = time.perf_counter()
-                run.comm_s += t2 - t1
-                if ck is not None and ck.worker_after():
-                    done = total_steps  # the stop marker: this step was not applied
-                    break
-                log.append((epoch, t2 - t0, run.comm_s))
-                done += 1
-        worker_log = [log]
-    if ck is not None:
-        run.ckpt.agree_stopped(ck)  # raises Stopped on every rank after a stop
-    logs = comm.gather(worker_log, root=0)  # once, after training: pickle is fine here
-
-    # evaluation of each epoch's snapshot, outside the timed loop, sharded over all ranks
-    n_eval = comm.bcast(len(snapshots) if run.rank == 0 else None, root=0)
-    evaluate = run.sharded_evaluate(net)
-    final = np.array(net.params, copy=True) if run.rank == 0 else None
-    results = []
-    for e in range(n_eval):
-        if run.rank == 0:
-            net.params[...] = snapshots[e]
-        comm.Bcast(net.params, root=0)
-        results.append(evaluate(*run.test))
-    if run.rank == 0:
-        net.params[...] = final
-    comm.Bcast(net.params, root=0)
-
-    rows = []
-    if run.rank == 0:
-        flat = [entry for ranks in logs for wl in ranks for entry in wl]
-        fields = run.row_fields("async-param-server", train_ranks=W)
-        seen = 0
-        for e, (st, (tl, ta)) in enumerate(zip(ep_stats, results, strict=True)):
-            # none for an epoch trained before a resume (the workers' logs are not saved)
-            times = [t for (ep, t, _) in flat if ep == e]
-            comm_per_worker = [max([c for (ep, _, c) in wl if ep <= e], default=0.0)
-                               for ranks in logs for wl in ranks]
-            stale = st["stale"] or [0]
-            prev_wall = ep_stats[e - 1]["wall"] if e else 0.0
-            seen += int(st["samples"])
-            rows.append(make_row(
-                epoch=e + 1, step=st["step"], batch_size=global_batch, epochs=e + 1,
-                samples=seen, wall_s=st["wall"],
-                **(step_stats(times, warmup=min(1, len(times) - 1)) if times else {}),
-                samples_per_s=st["samples"] / max(st["wall"] - prev_wall, 1e-12),
-                comm_s=float(np.mean(comm_per_worker)) if comm_per_worker else 0.0,
-                train_loss=st["loss"], final_loss=st["loss"], test_loss=tl, test_acc=ta,
-                lr=sched(max(st["step"] - 1, 0)), backend=net.backend.NAME,
-                threads=net.threads, device=net.backend.device_name(),
-                complete_epoch=st["complete"], staleness_mean=float(np.mean(stale)),
-                staleness_max=int(np.max(stale)), staleness_p95=float(np.percentile(stale, 95)),
-                **fields))
-            print(f"epoch {e + 1:>3}  loss {st['loss']:.4f}  test acc {ta:.4f}  staleness "
-                  f"mean {np.mean(stale):.2f} max {np.max(stale)}  ({st['wall']:.1f}s)",
-                  flush=True)
-    return to_frame(rows), net

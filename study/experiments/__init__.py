@@ -33,7 +33,18 @@ FAMILIES: dict[str, str] = {
     "mpi": "study.experiments.mpi",
     "hogwild": "study.experiments.hogwild",
     "kfold": "study.experiments.kfold",
+    "peers": "study.experiments.peers",
+    "stragglers": "study.experiments.stragglers",
 }
+
+
+def chosen_parts(family: str, parts: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """``parts`` (default: all of ``known``), refusing a part the family does not have."""
+    chosen = list(parts or known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {family} part(s) {unknown}; parts are {', '.join(known)}")
+    return chosen
 
 
 def load_saved(names: Sequence[str], scale: str = DEFAULT_SCALE) -> dict[str, pd.DataFrame]:

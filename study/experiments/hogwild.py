@@ -33,7 +33,7 @@ import pandas as pd
 from study import analysis, paths, schema
 from study.affinity import can_pin, pin_children, usable_cores
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved
 from study.measure import Plan, new_session, python_module, run_cli, run_interleaved
 
 RESULTS: tuple[str, ...] = ("hogwild_runs", "hogwild_pinning")
@@ -393,10 +393,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Measure the chosen parts (interleaved trials), flag anomalies, validate and save."""
     p = preset("hogwild", scale)
-    chosen = list(parts or PARTS)
-    unknown = sorted(set(chosen) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown hogwild part(s) {unknown}; parts are {', '.join(PARTS)}")
+    chosen = chosen_parts("hogwild", parts, PARTS)
     cores = len(usable_cores())
     session = new_session()
     out: dict[str, pd.DataFrame] = {}

@@ -32,7 +32,7 @@ from study import analysis, paths, schema
 from study.affinity import usable_cores
 from study.checks import compare
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved
 from study.measure import Plan, new_session, python_module, run_cli, run_interleaved
 
 RESULTS: tuple[str, ...] = ("kfold_runs", "kfold_work")
@@ -272,10 +272,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Measure the chosen parts (interleaved trials), check and flag, validate and save."""
     p = preset("kfold", scale)
-    chosen = list(parts or PARTS)
-    unknown = sorted(set(chosen) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown kfold part(s) {unknown}; parts are {', '.join(PARTS)}")
+    chosen = chosen_parts("kfold", parts, PARTS)
     cores = len(usable_cores())
     session = new_session()
     out: dict[str, pd.DataFrame] = {}

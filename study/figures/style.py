@@ -89,13 +89,22 @@ def color(strategy: Any) -> str:
     return PALETTE[zlib.crc32(key.encode()) % len(PALETTE)]
 
 
+def color_of_key(key: str) -> str:
+    """The colour of the longest strategy name inside a headline key (``mpi_weak_allreduce``
+    is allreduce's), else the key's first word's."""
+    hits = [name for name in STRATEGY_COLORS if name.replace("-", "_") in key]
+    return color(max(hits, key=len) if hits else key.split("_")[0])
+
+
 def new_figure(ncols: int = 1, height: float = 2.9, width: float = WIDTH,
-               sharey: bool = False) -> tuple[Any, list[Any]]:
+               sharey: bool = False, nrows: int = 1) -> tuple[Any, list[Any]]:
+    """A figure of ``nrows`` x ``ncols`` panels; the axes come row by row in one list."""
     import matplotlib.pyplot as plt
 
     apply_style()
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), sharey=sharey, squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), sharey=sharey,
+                             squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def save_figure(fig: Any, name: str, scale: str = "standard",

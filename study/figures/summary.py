@@ -22,7 +22,7 @@ def forest(headlines: Sequence[Headline], unit: str = "x", reference: float = 1.
         return fig
     ys = np.arange(len(rows))[::-1]
     for y, h in zip(ys, rows, strict=True):
-        c = style.color(h.key.split("_")[0])
+        c = style.color_of_key(h.key)
         lo = h.lo if np.isfinite(h.lo) else h.value
         hi = h.hi if np.isfinite(h.hi) else h.value
         ax.plot([lo, hi], [y, y], color=c, linewidth=2)
