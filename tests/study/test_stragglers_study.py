@@ -257,7 +257,7 @@ def test_targets_say_met_or_by_how_much_missed():
     assert heads[-1].unit == "x" and "met" in heads[-1].note
     missing = st.headlines({})
     assert [h.measured for h in missing] == [False] * 4
-    assert "notebook 08" in missing[0].note
+    assert "notebook 05" in missing[0].note
 
 
 def test_scenario_table_reads_one_line_per_strategy():
