@@ -116,7 +116,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      batch_size=64, workers=(1, 2, 4, 8), trials=7, folds=8, kfold_subset=None,
                      kfold_epochs=3, backend="numba", cpu_interval=0.5, timeout_s=3600),
     },
-    # notebook 08 (into 04/05 later): stragglers, the remedies, time to accuracy. Two workers
+    # notebook 05, section 5: stragglers, the remedies, time to accuracy. Two workers
     # everywhere; `strategies` run with no straggler, `straggler_strategies` in the other
     # scenarios; one worker (deterministic accuracy) `seq_trials` times; `momentum_batches`:
     # HOGWILD's momentum options at batches other than the scenarios' one. Standard: about

@@ -26,9 +26,11 @@ PROMISES: dict[str, tuple[set[str], set[str]]] = {
                              {"mpi_speedup", "mpi_comm_split", "mpi_amortisation", "mpi_hybrid",
                               "mpi_accuracy", "mpi_costmodel_check",
                               "mpi_costmodel_extrapolation"}),
-    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs", "peers"},
+    "05_async_hogwild_kfold": ({"hogwild_runs", "kfold_runs", "peers", "stragglers_runs",
+                                "stragglers_momentum"},
                                {"hogwild_speedup", "hogwild_accuracy", "kfold_speedup",
-                                "peers_throughput", "peers_ratio"}),
+                                "peers_throughput", "peers_ratio",
+                                "stragglers_time_to_accuracy", "stragglers_scenarios"}),
     "06_speedup_summary": (set(), {"summary_speedup", "summary_efficiency"}),
 }
 

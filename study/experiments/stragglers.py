@@ -302,7 +302,7 @@ def headlines(frames: Mapping[str, pd.DataFrame]) -> list[analysis.Headline]:
     df = frames.get(RESULTS[0])
     scale = str(df["scale"].iloc[0]) if df is not None and len(df) else "standard"
     source = paths.shown(schema.path_of(RESULTS[0], scale))
-    why = f"{source} not found: run notebook 08 (study.experiments.stragglers)"
+    why = f"{source} not found: run notebook 05 (study.experiments.stragglers)"
     out = []
     for t in sa.targets(frames):
         if not np.isfinite(t["value"]):

@@ -1,4 +1,4 @@
-"""The stragglers family's figures (notebook 08; the report's asynchronous-methods section).
+"""The stragglers family's figures (notebook 05, section 5; the report's asynchronous-methods section).
 
 Designed for the report: `time_to_accuracy` (test accuracy against training seconds, one
 panel per scenario, the target as a line; median of trials with 95% CIs) and `scenarios`
@@ -78,7 +78,7 @@ def time_to_accuracy(frames: Mapping[str, pd.DataFrame], scale: str = "standard"
     pts = sa.curve_points(df)
     if not len(pts):
         return _empty("stragglers_time_to_accuracy", "stragglers not measured yet "
-                      "(notebook 08)", scale, save)
+                      "(notebook 05)", scale, save)
     scenarios = [s for s in st.SCENARIOS if s in set(pts["mode"])]
     ncols = min(2, len(scenarios))
     nrows = math.ceil(len(scenarios) / ncols)
@@ -118,7 +118,7 @@ def scenarios(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
     df = frames.get(st.RESULTS[0])
     pts = sa.tta_points(df)
     if not len(pts):
-        return _empty("stragglers_scenarios", "stragglers not measured yet (notebook 08)",
+        return _empty("stragglers_scenarios", "stragglers not measured yet (notebook 05)",
                       scale, save)
     order = [s for s in st.SCENARIOS if s in set(pts["mode"])]
     fig, axes = style.new_figure(2, height=3.0, sharey=True)

@@ -55,7 +55,7 @@ def test_notebook_redraws_saved_results(tmp_path, monkeypatch):
     nb = execute(tmp_path, monkeypatch, scale="standard", measure=False)
     made = {p.stem for p in (tmp_path / "images").glob("*.png")}
     assert made == {"hogwild_speedup", "hogwild_accuracy", "hogwild_pinning", "kfold_speedup",
-                    "kfold_cpu", "kfold_timeline"}
+                    "kfold_cpu", "kfold_timeline", "peers_throughput", "peers_ratio"}
     text = outputs(nb)
     assert "migration of the lone worker explains" in text
     assert "1.79x" in text and "1.90x" in text  # HOGWILD and k-fold headlines

@@ -221,7 +221,7 @@ def test_without_torch_the_torch_parts_skip_and_say_why(monkeypatch):
     for key in ("peers_allreduce_vs_torch_ddp", "peers_hogwild_vs_torch_hogwild",
                 "peers_hogwild_acc_diff"):
         assert not hs[key].measured and hs[key].note == why and hs[key].text() == "not measured"
-    assert "notebook 07" in hs["peers_kfold_vs_joblib"].note
+    assert "notebooks 04 and 05" in hs["peers_kfold_vs_joblib"].note
     fig = figs.throughput({}, save=False)
     assert why in [t.get_text() for t in fig.axes[0].texts]
 
