@@ -252,7 +252,7 @@ def test_fit_stops_after_the_step_asked_and_resumes_exactly(tmp_path, stop_at):
     pd.testing.assert_frame_equal(df[COLS], ref[COLS])
 
 
-def test_checkpoint_every_saves_between_epochs(tmp_path):
+def test_checkpoint_every_saves_between_epochs(tmp_path, monkeypatch):
     """Every 3 steps, and at each epoch's end: the last one before a kill is at most 3
     steps old. Here: a stop at step 11 finds the step-9 checkpoint replaced by step 11's."""
     steps = []
@@ -262,12 +262,9 @@ def test_checkpoint_every_saves_between_epochs(tmp_path):
         steps.append(meta["global_step"])
         return real(path, arrays, meta)
 
-    checkpoint.save = spy
-    try:
-        with pytest.raises(checkpoint.Stopped):
-            _fit(tmp_path, stop_at=11, every=3)
-    finally:
-        checkpoint.save = real
+    monkeypatch.setattr(checkpoint, "save", spy)
+    with pytest.raises(checkpoint.Stopped):
+        _fit(tmp_path, stop_at=11, every=3)
     assert steps == [3, 6, 7, 9, 11]
 
 
@@ -303,57 +300,62 @@ def _traced(tmp: Path, trace: Path, argv: list[str]) -> subprocess.CompletedProc
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _expected_batches(workers: int) -> list[list[str]]:
-    """Each worker's batches, in order, as the uninterrupted run computes them."""
-    x, y = data.load("digits", "train", subset=200)
-    out: list[list[str]] = [[] for _ in range(workers)]
-    for epoch in range(3):
-        for idx in data.iterate_batches(len(y), workers * 16, 3, epoch):
-            for w in range(workers):
-                lo, hi = shard_bounds(len(idx), workers, w)
-                if hi > lo:
-                    out[w].append(hashlib.sha1(x[idx[lo:hi]].tobytes()).hexdigest())
-    return out
-
-
 def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def _piece_hash(x: np.ndarray, idx: np.ndarray, workers: int, piece: int) -> str:
+    lo, hi = shard_bounds(len(idx), workers, piece % workers)
+    return hashlib.sha1(x[idx[lo:hi]].tobytes()).hexdigest()
+
+
 @mpi_test
-@pytest.mark.parametrize("who", [0, 1], ids=["server-signalled", "worker-signalled"])
-def test_async_resume_applies_every_batch_once(tmp_path, who):
+@pytest.mark.parametrize("who,assign", [(0, "static"), (1, "static"), (0, "dynamic")],
+                         ids=["server-signalled", "worker-signalled", "dynamic-assignment"])
+def test_async_resume_applies_every_batch_once(tmp_path, who, assign):
     """The server stops (its own SIGUSR1, or a worker's passed on to it), drains the
-    in-flight gradients and saves every worker's step count; the resumed run gives each
-    worker exactly the batches it had not had applied."""
+    in-flight gradients (not applied) and saves the piece each worker computes next; the
+    resumed run computes exactly the pieces that were not applied: with static assignment
+    each worker goes on with its own sequence, with dynamic assignment the pieces of the
+    two runs together are every piece once."""
+    flags = [*ASYNC, "--assign", assign]
     ref = tmp_path / "ref.pkl"
-    _ok(mpirun(3, [*ASYNC, "--save-metrics", str(ref)], timeout=300))
+    _ok(mpirun(3, [*flags, "--save-metrics", str(ref)], timeout=300))
     ref_df = pd.read_pickle(ref)
     ck, m = tmp_path / "ck", tmp_path / "m.pkl"
     first, second = tmp_path / "first", tmp_path / "second"
     # in epoch 2 (7 global steps per epoch): the server counts messages, a worker its steps
     stop_at = 20 if who == 0 else 9
-    _ok(_traced(tmp_path, first, [*ASYNC, "--checkpoint-dir", str(ck), "--checkpoint-every",
+    _ok(_traced(tmp_path, first, [*flags, "--checkpoint-dir", str(ck), "--checkpoint-every",
                                   "3", "--inject-failure", f"{who}:{stop_at}:signal"]),
         EXIT_REQUEUE)
     arrays, meta = checkpoint.load(ck / "checkpoint.npz")
-    counts = arrays["async/worker_steps"].tolist()
-    steps = 7  # ceil(200 / 32) global steps per epoch, each one message from each worker
-    assert sum(counts) == meta["messages"] and meta["global_step"] == meta["messages"] // 2
+    nxt = arrays["async/next_piece"].tolist()
+    steps, W = 7, 2  # ceil(200 / 32) global steps per epoch, 2 workers
+    assert meta["global_step"] == meta["messages"] // W
     assert steps <= meta["global_step"] < 3 * steps
-    _ok(_traced(tmp_path, second, [*ASYNC, "--checkpoint-dir", str(ck), "--resume",
+    _ok(_traced(tmp_path, second, [*flags, "--checkpoint-dir", str(ck), "--resume",
                                    "--save-metrics", str(m)]))
-    want = _expected_batches(2)
-    for w in range(2):
-        before, after = _lines(Path(f"{first}.{w + 1}")), _lines(Path(f"{second}.{w + 1}"))
-        c = counts[w]
-        # before the stop: the applied steps, then at most the one drained (not applied)
-        assert before[:c] == want[w][:c] and len(before) in (c, c + 1)
-        assert after == want[w][c:], f"worker {w + 1}: repeated or skipped batches"
+    x, y = data.load("digits", "train", subset=200)
+    order = [list(data.iterate_batches(len(y), W * 16, 3, e)) for e in range(3)]
+    every_piece = [_piece_hash(x, order[g // steps][g % steps], W, p)
+                   for p in range(W * 3 * steps) for g in [p // W]]
+    before = [_lines(Path(f"{first}.{w + 1}")) for w in range(W)]
+    after = [_lines(Path(f"{second}.{w + 1}")) for w in range(W)]
+    # the last gradient a worker computed before the stop was drained, not applied
+    applied = [b[:-1] if nxt[w] >= 0 else b for w, b in enumerate(before)]
+    assert sum(map(len, applied)) == meta["messages"]
+    for w in range(W):
+        if nxt[w] >= 0:
+            assert before[w][-1] == every_piece[nxt[w]]  # redone first after the resume
+            assert after[w][0] == every_piece[nxt[w]]
+        if assign == "static":  # worker w: pieces w, w + W, ... in order, none twice
+            assert applied[w] + after[w] == every_piece[w::W], f"worker {w + 1}"
+    assert sorted(sum(applied, []) + sum(after, [])) == sorted(every_piece)
     assert not _lines(Path(f"{first}.0")) and not _lines(Path(f"{second}.0"))  # server
     final, fmeta = checkpoint.load(ck / "checkpoint.npz")
-    assert final["async/worker_steps"].tolist() == [3 * steps] * 2
-    assert fmeta["async"]["applied"] == 2 * 3 * steps
+    assert final["async/next_piece"].tolist() == [-1] * W
+    assert fmeta["async"]["applied"] == fmeta["messages"] == W * 3 * steps
     got = pd.read_pickle(m)
     for col in ("epoch", "step", "lr", "complete_epoch"):
         assert got[col].tolist() == ref_df[col].tolist(), col
@@ -365,7 +367,7 @@ def test_async_resume_applies_every_batch_once(tmp_path, who):
     assert (got["step_ms_median"].iloc[1:] > 0).all()
     # resuming a finished run trains nothing and gives the same frame
     again = tmp_path / "again.pkl"
-    _ok(mpirun(3, [*ASYNC, "--checkpoint-dir", str(ck), "--resume", "--save-metrics",
+    _ok(mpirun(3, [*flags, "--checkpoint-dir", str(ck), "--resume", "--save-metrics",
                    str(again)]))
     cols = ["epoch", "step", "samples", "train_loss", "test_acc", "staleness_mean"]
     pd.testing.assert_frame_equal(pd.read_pickle(again)[cols], got[cols])
