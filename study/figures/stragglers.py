@@ -1,4 +1,4 @@
-"""The stragglers family's figures (notebook 05, section 5; the report's asynchronous-methods section).
+"""The stragglers family's figures (notebook 05, section 5; the report's async section).
 
 Designed for the report: `time_to_accuracy` (test accuracy against training seconds, one
 panel per scenario, the target as a line; median of trials with 95% CIs) and `scenarios`
