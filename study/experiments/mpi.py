@@ -63,6 +63,7 @@ from study.experiments.mpi_analysis import (
 )
 from study.measure import (
     Plan,
+    RunFailed,
     mpiexec_module,
     new_session,
     physical_cores,
@@ -298,6 +299,32 @@ def job_rows(job: Job, raw: pd.DataFrame, every_epoch: bool = False) -> pd.DataF
     return df[[c for c in df.columns if c in schema.COLUMNS]]
 
 
+def divergence(output: str) -> str | None:
+    """The library's one-line divergence message in a failed run's output, else None."""
+    for line in output.splitlines():
+        if "DivergenceError" in line or "loss became nan" in line or "loss became inf" in line:
+            return "diverged: " + line.split("DivergenceError:")[-1].strip()
+    return None
+
+
+def diverged_row(job: Job, why: str) -> pd.DataFrame:
+    """A run that diverged is a result (at this learning rate), not a crash: one row with
+    no throughput or accuracy and the reason in ``anomaly``."""
+    from cnn.metrics import make_row
+
+    return pd.DataFrame([make_row(
+        experiment=f"mpi_{job.mode}", strategy=job.strategy, backend="mpi" if job.mpi else
+        "numba", device="cpu", model=MODEL, dataset=preset_dataset(job), mode=job.mode,
+        config=job.config, processes=job.processes, threads=job.threads, workers=job.workers,
+        batch_size=job.batch_size, global_batch=job.global_batch, anomaly=why,
+        test_acc=float("nan"), samples_per_s=float("nan"))])
+
+
+def preset_dataset(job: Job) -> str:
+    args = list(job.args)
+    return args[args.index("--dataset") + 1] if "--dataset" in args else "unknown"
+
+
 def measure_jobs(jobs: Sequence[Job], trials: int, *, scale: str, session: str,
                  log: Callable[[str], None] | None = print, every_epoch: bool = False,
                  timeout: float = RUN_TIMEOUT) -> pd.DataFrame:
@@ -306,7 +333,15 @@ def measure_jobs(jobs: Sequence[Job], trials: int, *, scale: str, session: str,
 
     def one(c: Mapping[str, Any]) -> pd.DataFrame:
         job: Job = c["job"]
-        raw = run_cli(job.command(), env=job.env(), timeout=timeout, what=job.label)
+        try:
+            raw = run_cli(job.command(), env=job.env(), timeout=timeout, what=job.label)
+        except RunFailed as exc:
+            why = divergence(str(exc))
+            if why is None:
+                raise
+            if log:
+                log(f"  {job.label}: {why} (recorded, not fatal)")
+            return diverged_row(job, why)
         return job_rows(job, raw, every_epoch)
 
     df = run_interleaved(plan, one, trials, quiet=scale != "quick", log=log)
@@ -377,7 +412,7 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         jobs = scaling_plan(scale, ranks=ranks, oversubscribe=oversubscribe, backend=backend)
         say(f"scaling: {len(jobs)} configurations x {cfg['trials']} trial(s), interleaved")
         df = measure_jobs(jobs, cfg["trials"], scale=scale, session=session, log=log)
-        out[SCALING] = flag(df, scaling_points(df))
+        out[SCALING] = keep(flag(df, scaling_points(df)), SCALING, scale, say)
     if "hybrid" in parts:
         from cnn import available_backends
 
@@ -389,18 +424,26 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
             say(f"hybrid: {len(jobs)} configurations x {cfg['trials']} trial(s), interleaved")
             df = measure_jobs(jobs, cfg["trials"], scale=scale, session=session, log=log)
             series = ("strategy", "processes", "threads")
-            out[HYBRID] = flag(df, scaling_points(df, series), series)
+            out[HYBRID] = keep(flag(df, scaling_points(df, series), series), HYBRID, scale,
+                               say)
     if "accuracy" in parts:
         jobs = accuracy_plan(scale, backend=backend)
         say(f"accuracy: {len(jobs)} runs (one seed per trial), interleaved")
-        out[ACCURACY] = measure_accuracy(jobs, scale, session, log)
+        out[ACCURACY] = keep(measure_accuracy(jobs, scale, session, log), ACCURACY, scale,
+                             say)
     if "costmodel" in parts:
         say("costmodel: ping-pong/Allreduce jobs and step times, interleaved")
-        out[COSTMODEL] = measure_costmodel(scale, session, backend=backend, log=log)
-    for name, df in out.items():
-        path = schema.save(df, name, scale)
-        say(f"{name}: {len(df)} rows -> {paths.shown(path)}")
+        out[COSTMODEL] = keep(measure_costmodel(scale, session, backend=backend, log=log),
+                              COSTMODEL, scale, say)
     return out
+
+
+def keep(df: pd.DataFrame, name: str, scale: str, say: Callable[[str], None]
+         ) -> pd.DataFrame:
+    """Save a part as soon as it is measured: a later part's failure loses nothing."""
+    path = schema.save(df, name, scale)
+    say(f"{name}: {len(df)} rows -> {paths.shown(path)}")
+    return df
 
 
 def measure_accuracy(jobs: Sequence[Job], scale: str, session: str,

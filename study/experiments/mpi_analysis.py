@@ -225,26 +225,41 @@ def accuracy_points(df: pd.DataFrame) -> pd.DataFrame:
     if not len(df):
         return pd.DataFrame()
     key = ["session", "config", "strategy", "trial"]
-    last = df[df["epoch"] == df.groupby(key)["epoch"].transform("max")]
+    diverged = df[df["anomaly"].astype(str).str.startswith("diverged")]
+    lost = diverged.groupby(["host", "session", "config", "strategy"]).size().to_dict()
+    last = pd.concat([df[df["epoch"] == df.groupby(key)["epoch"].transform("max")], diverged])
     seq = last[last["strategy"] == "sequential"].set_index(["session", "config", "trial"])
     rows = []
     for (host, session, config, strategy), g in last.groupby(
             ["host", "session", "config", "strategy"], sort=False):
+        k = int(lost.get((host, session, config, strategy), 0))
+        g = g[~g["anomaly"].astype(str).str.startswith("diverged")]
         paired = [(a, seq.loc[(session, config, t), "test_acc"]) for a, t in zip(
             g["test_acc"], g["trial"], strict=True) if (session, config, t) in seq.index]
         diffs = [100.0 * (a - float(np.asarray(b).ravel()[0])) for a, b in paired]
         med, lo, hi = analysis.median_ci(diffs)
         acc, alo, ahi = analysis.median_ci(g["test_acc"])
         n = len(diffs)
+        flags = [f"only {n} seed(s): no confidence interval"] if n < 3 else []
+        if k:
+            flags.insert(0, f"diverged (NaN loss) in {k} of {n + k} seed(s) at this learning "
+                            "rate; the accuracy is over the runs that did not")
         row = {"host": host, "session": session, "config": config, "strategy": strategy,
-               "processes": int(g["processes"].iloc[0]), "workers": int(g["workers"].iloc[0]),
-               "epochs": float(g["epoch"].max()), "test_acc": acc, "acc_lo": alo,
-               "acc_hi": ahi, "median": med, "lo": lo, "hi": hi, "n": n,
-               "anomaly": f"only {n} seed(s): no confidence interval" if 0 < n < 3 else ""}
+               "processes": int(diverged_or(g, diverged, strategy, "processes")),
+               "workers": int(diverged_or(g, diverged, strategy, "workers")),
+               "epochs": float(g["epoch"].max()) if len(g) else float("nan"),
+               "test_acc": acc, "acc_lo": alo, "acc_hi": ahi, "median": med, "lo": lo,
+               "hi": hi, "n": n, "diverged": k, "anomaly": "; ".join(flags)}
         if "staleness_mean" in g:
             row["staleness_mean"] = float(pd.to_numeric(g["staleness_mean"]).median())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def diverged_or(g: pd.DataFrame, diverged: pd.DataFrame, strategy: str, col: str) -> float:
+    """``col`` of a strategy's runs, from its diverged rows when every run diverged."""
+    src = g if len(g) else diverged[diverged["strategy"] == strategy]
+    return float(src[col].iloc[0])
 
 
 def accuracy_curves(df: pd.DataFrame) -> pd.DataFrame:
@@ -417,7 +432,8 @@ def accuracy_headlines(df: pd.DataFrame | None) -> list[Headline]:
         h = analysis.headline_from_point(
             key, label, p, "points", value="median", source=f"results/{ACCURACY}.pkl", rows=rows,
             note=f"paired by seed over {int(p['n'])} seed(s), {int(p['workers'])} training "
-                 f"ranks, {p['epochs']:g} epochs; accuracy {p['test_acc']:.2%}")
+                 f"ranks, {p['epochs']:g} epochs; accuracy {p['test_acc']:.2%}"
+                 + (f"; diverged in {int(p['diverged'])} seed(s)" if p.get("diverged") else ""))
         out.append(h)
     return out
 

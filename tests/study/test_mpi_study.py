@@ -282,6 +282,28 @@ def test_accuracy_paired_by_seed_known_answer():
 ALPHA, BETA, C0, C1 = 2e-6, 5e9, 1e-3, 2e-4
 
 
+def test_diverged_seeds_are_counted_not_dropped():
+    """A seed whose run diverged is a result: counted, flagged, left out of the median."""
+    text = ("accuracy async-param-server  P=3x1T b=32 failed with status 2\n"
+            "rank 1 failed: DivergenceError: loss became nan on worker 1 at global step 56: "
+            "lower --lr\n")
+    why = mpi.divergence(text)
+    assert why == "diverged: loss became nan on worker 1 at global step 56: lower --lr"
+    assert mpi.divergence("rank 1 failed: ValueError: boom") is None
+    job = next(j for j in mpi.accuracy_plan("quick", seeds=1)
+               if j.strategy == "async-param-server")
+    lost = mpi.diverged_row(job, why).assign(trial=3, config="accuracy: test", host="h")
+    lost = schema.rows(lost, scale="standard", session=SESSION)
+    df = pd.concat([accuracy_frame(), lost], ignore_index=True)
+    pts = A.accuracy_points(df).set_index("strategy")
+    assert pts.loc["async-param-server", "median"] == pytest.approx(-2.0)
+    assert pts.loc["async-param-server", "diverged"] == 1
+    assert "diverged (NaN loss) in 1 of 4 seed(s)" in pts.loc["async-param-server", "anomaly"]
+    assert pts.loc["allreduce", "diverged"] == 0
+    hs = {h.key: h for h in A.accuracy_headlines(df)}
+    assert "diverged in 1 seed(s)" in hs["mpi_accuracy_async-param-server"].note
+
+
 def costmodel_frame(session=SESSION):
     rows = []
     for trial in range(3):
