@@ -327,6 +327,23 @@ class RunFailed(RuntimeError):
     """A child process (a CLI run, an mpiexec job) failed or timed out; carries its output."""
 
 
+class RunDiverged(RunFailed):
+    """The run stopped because its loss became NaN or infinite: a result at this learning
+    rate, not a crash. ``why`` is the library's one-line message."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
+def divergence(output: str) -> str | None:
+    """The library's one-line divergence message in a failed run's output, else None."""
+    for line in output.splitlines():
+        if "DivergenceError" in line or "loss became nan" in line or "loss became inf" in line:
+            return "diverged: " + line.split("DivergenceError:")[-1].strip()
+    return None
+
+
 def tail(text: str, lines: int = 40) -> str:
     """The ``rank r failed`` lines first, then the last ``lines`` lines of ``text``."""
     all_lines = text.splitlines()
@@ -368,8 +385,12 @@ def run_cli(cmd: Sequence[str], *, metrics_flag: str = "--save-metrics", timeout
             raise RunFailed(f"{what}: no result after {timeout:.0f}s\n{tail(text)}") from None
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise RunFailed(f"{what} failed with status {proc.returncode}\n"
-                            f"{tail(proc.stdout + proc.stderr)}")
+            text = f"{what} failed with status {proc.returncode}\n" + \
+                tail(proc.stdout + proc.stderr)
+            why = divergence(proc.stdout + proc.stderr)
+            if why is not None:
+                raise RunDiverged(text, why)
+            raise RunFailed(text)
         df = pd.read_pickle(out)
     train = float(pd.to_numeric(df["wall_s"], errors="coerce").max()) if len(df) else 0.0
     df["startup_s"] = max(0.0, elapsed - train)

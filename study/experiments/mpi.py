@@ -63,7 +63,7 @@ from study.experiments.mpi_analysis import (
 )
 from study.measure import (
     Plan,
-    RunFailed,
+    RunDiverged,
     mpiexec_module,
     new_session,
     physical_cores,
@@ -299,14 +299,6 @@ def job_rows(job: Job, raw: pd.DataFrame, every_epoch: bool = False) -> pd.DataF
     return df[[c for c in df.columns if c in schema.COLUMNS]]
 
 
-def divergence(output: str) -> str | None:
-    """The library's one-line divergence message in a failed run's output, else None."""
-    for line in output.splitlines():
-        if "DivergenceError" in line or "loss became nan" in line or "loss became inf" in line:
-            return "diverged: " + line.split("DivergenceError:")[-1].strip()
-    return None
-
-
 def diverged_row(job: Job, why: str) -> pd.DataFrame:
     """A run that diverged is a result (at this learning rate), not a crash: one row with
     no throughput or accuracy and the reason in ``anomaly``."""
@@ -335,13 +327,10 @@ def measure_jobs(jobs: Sequence[Job], trials: int, *, scale: str, session: str,
         job: Job = c["job"]
         try:
             raw = run_cli(job.command(), env=job.env(), timeout=timeout, what=job.label)
-        except RunFailed as exc:
-            why = divergence(str(exc))
-            if why is None:
-                raise
+        except RunDiverged as exc:
             if log:
-                log(f"  {job.label}: {why} (recorded, not fatal)")
-            return diverged_row(job, why)
+                log(f"  {job.label}: {exc.why} (recorded, not fatal)")
+            return diverged_row(job, exc.why)
         return job_rows(job, raw, every_epoch)
 
     df = run_interleaved(plan, one, trials, quiet=scale != "quick", log=log)

@@ -47,6 +47,7 @@ from study.experiments import chosen_parts, cli, load_saved
 from study.experiments import stragglers_analysis as sa
 from study.measure import (
     Plan,
+    RunDiverged,
     mpiexec_module,
     new_session,
     python_module,
@@ -260,9 +261,28 @@ def run_row(epochs: pd.DataFrame, curve: Sequence[Mapping[str, Any]],
 
 
 def measure_one(p: Mapping[str, Any], cfg: Mapping[str, Any], experiment: str) -> pd.DataFrame:
-    """One configuration in fresh processes."""
-    raw = run_cli(command(p, cfg, experiment), timeout=float(p["timeout_s"]), what=label(cfg))
+    """One configuration in fresh processes; a run that diverges is a run that never
+    reaches the target (one row, the reason in ``anomaly``), not a crash of the family."""
+    try:
+        raw = run_cli(command(p, cfg, experiment), timeout=float(p["timeout_s"]),
+                      what=label(cfg))
+    except RunDiverged as exc:
+        return diverged_row(p, cfg, experiment, exc.why)
     return tidy(raw, cfg, p, experiment)
+
+
+def diverged_row(p: Mapping[str, Any], cfg: Mapping[str, Any], experiment: str, why: str
+                 ) -> pd.DataFrame:
+    from cnn.metrics import make_row
+
+    s = STRATEGIES[cfg["key"]]
+    return pd.DataFrame([make_row(
+        experiment=experiment, strategy=s.name, backend=p["backend"], processes=s.processes,
+        threads=1, workers=s.trainers, device="cpu", model=TRAINING["model"],
+        dataset=p["dataset"], batch_size=int(cfg["batch_size"]), mode=cfg["scenario"],
+        momentum_mode=s.momentum_mode, config=config_label(p, cfg["batch_size"]),
+        target_acc=float(p["target_acc"]), kind="run", anomaly=why, test_acc=math.nan,
+        time_to_target_s=math.nan, lr=float(TRAINING["lr"]))])
 
 
 # --- the family contract ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cnn.parallel import costmodel as cm
-from study import paths, schema
+from study import measure, paths, schema
 from study.experiments import mpi
 from study.experiments import mpi_analysis as A
 from study.figures import mpi as figs
@@ -287,9 +287,9 @@ def test_diverged_seeds_are_counted_not_dropped():
     text = ("accuracy async-param-server  P=3x1T b=32 failed with status 2\n"
             "rank 1 failed: DivergenceError: loss became nan on worker 1 at global step 56: "
             "lower --lr\n")
-    why = mpi.divergence(text)
+    why = measure.divergence(text)
     assert why == "diverged: loss became nan on worker 1 at global step 56: lower --lr"
-    assert mpi.divergence("rank 1 failed: ValueError: boom") is None
+    assert measure.divergence("rank 1 failed: ValueError: boom") is None
     job = next(j for j in mpi.accuracy_plan("quick", seeds=1)
                if j.strategy == "async-param-server")
     lost = mpi.diverged_row(job, why).assign(trial=3, config="accuracy: test", host="h")

@@ -339,3 +339,15 @@ def test_quick_scenarios_and_figures(scratch):
     assert set(r["mode"]) == {"none", "slow4x"}
     assert (r[r["mode"] == "slow4x"]["straggler"].str.endswith(":4")).all()
     assert np.isfinite(r["time_to_target_s"]).sum() >= len(r) // 2
+
+
+def test_a_diverged_run_is_a_row_that_never_reaches_the_target():
+    p = config.preset("stragglers", "quick")
+    plan, _ = st.scenario_plan(p)
+    cfg = next(c for c in plan.configs if "async" in c["key"])
+    row = st.diverged_row(p, cfg, st.EXPERIMENT["scenarios"], "diverged: loss became nan")
+    df = schema.rows(row, scale="quick", session="s")
+    schema.validate(df, strict=True)
+    assert df["kind"].tolist() == ["run"] and np.isnan(df["time_to_target_s"].iloc[0])
+    assert df["anomaly"].iloc[0] == "diverged: loss became nan"
+    assert df["strategy"].iloc[0].startswith("async")
