@@ -416,9 +416,11 @@ def target_note(part: str, value: float, lo: float, hi: float) -> str:
     """Whether the ratio meets issue 12's target, and whether its CI straddles it."""
     t = TARGETS[part]
     what = "no slower than the peer" if t == 1.0 else f">= {t:g}x the peer"
-    verdict = "met" if value >= t else "missed"
     straddles = np.isfinite(lo) and np.isfinite(hi) and lo < t <= hi
-    return (f"target {what}: {verdict}" + (" (the CI includes the target)" if straddles else ""))
+    if straddles:
+        return (f"target {what}: not settled (the median is "
+                f"{'above' if value >= t else 'below'} it, the 95% CI includes it)")
+    return f"target {what}: {'met' if value >= t else 'missed'}"
 
 
 HEADLINES = {"ddp": ("peers_allreduce_vs_torch_ddp", "allreduce vs PyTorch DDP (gloo)"),

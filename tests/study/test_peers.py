@@ -399,3 +399,10 @@ def test_quick_run_measures_every_pair(tmp_path, monkeypatch):
     assert (same == 1).all(), "project and peer must train on the same samples"
     assert {p.stem for p in (tmp_path / "images").glob("*.png")} == {"peers_throughput",
                                                                      "peers_ratio"}
+
+
+def test_a_target_inside_the_interval_is_not_settled():
+    assert pe.target_note("hogwild", 1.32, 1.28, 1.39).endswith(
+        "not settled (the median is above it, the 95% CI includes it)")
+    assert pe.target_note("hogwild", 1.40, 1.35, 1.45) == "target >= 1.3x the peer: met"
+    assert pe.target_note("ddp", 1.20, 1.17, 1.23) == "target >= 1.3x the peer: missed"
