@@ -29,6 +29,7 @@ from study.config import DEFAULT_SCALE
 FAMILIES: dict[str, str] = {
     "baseline": "study.experiments.baseline",
     "kernels": "study.experiments.kernels",
+    "ladder": "study.experiments.ladder",
     "gpu": "study.experiments.gpu",
     "mpi": "study.experiments.mpi",
     "hogwild": "study.experiments.hogwild",
