@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pandas as pd
@@ -44,29 +45,32 @@ def commit_state() -> tuple[str, bool]:
     return c.removesuffix("-dirty"), c.endswith("-dirty")
 
 
+def family_module(family: str) -> ModuleType | None:
+    """The family's experiment module, or None while it is not built (another missing
+    module is a real error and propagates)."""
+    module = FAMILIES[family]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
 def family_frames(scale: str = DEFAULT_SCALE) -> dict[str, dict[str, pd.DataFrame]]:
     """Each family's saved frames (a family whose module is absent has none)."""
     out = {}
-    for family, module in FAMILIES.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            out[family] = {}
-            continue
-        out[family] = mod.load(scale)
+    for family in FAMILIES:
+        mod = family_module(family)
+        out[family] = mod.load(scale) if mod is not None else {}
     return out
 
 
 def all_headlines(frames: Mapping[str, Mapping[str, pd.DataFrame]]) -> list[analysis.Headline]:
     out: list[analysis.Headline] = []
     for family, module in FAMILIES.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        mod = family_module(family)
+        if mod is None:
             out.append(analysis.not_measured(family, family, f"{module} is not built yet"))
             continue
         out += mod.headlines(dict(frames.get(family, {})))

@@ -59,6 +59,16 @@ def load_saved(names: Sequence[str], scale: str = DEFAULT_SCALE) -> dict[str, pd
     return out
 
 
+def save_part(raw: pd.DataFrame, name: str, scale: str, session: str,
+              flag: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+    """A part's raw trials as schema rows, flagged (``flag``), validated and saved as
+    ``name``: one place, so every family saves a part as soon as it is measured."""
+    df = schema.rows(raw, scale=scale, session=session)
+    df = flag(df) if flag is not None else df
+    schema.save(df, name, scale)
+    return df
+
+
 def cli(family: str, doc: str, run: Callable[..., dict[str, pd.DataFrame]],
         parts: Sequence[str] = (), argv: Sequence[str] | None = None) -> int:
     """The standard CLI of a family: ``--scale``, ``--parts``, ``--quiet``."""

@@ -33,7 +33,7 @@ import pandas as pd
 from study import analysis, paths, schema
 from study.affinity import can_pin, pin_children, usable_cores
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import chosen_parts, cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved, save_part
 from study.measure import Plan, new_session, python_module, run_cli, run_interleaved
 
 RESULTS: tuple[str, ...] = ("hogwild_runs", "hogwild_pinning")
@@ -409,10 +409,8 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
                 f"interleaved ({cores} usable cores)")
         raw = run_interleaved(plan, partial(measure_one, p, experiment=experiment),
                               int(p["trials"]), quiet=scale != "quick", log=log)
-        df = flag(schema.rows(raw, scale=scale, session=session), SERIES[part])
         name = RESULTS[PARTS.index(part)]
-        schema.save(df, name, scale)
-        out[name] = df
+        out[name] = save_part(raw, name, scale, session, partial(flag, series=SERIES[part]))
     return out
 
 

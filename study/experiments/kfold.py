@@ -32,7 +32,7 @@ from study import analysis, paths, schema
 from study.affinity import usable_cores
 from study.checks import compare
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import chosen_parts, cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved, save_part
 from study.measure import Plan, new_session, python_module, run_cli, run_interleaved
 
 RESULTS: tuple[str, ...] = ("kfold_runs", "kfold_work")
@@ -287,10 +287,8 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
                 f"interleaved ({cores} usable cores)")
         raw = run_interleaved(pl, partial(measure_one, p, experiment=experiment),
                               int(p["trials"]), quiet=scale != "quick", log=log)
-        df = flag(schema.rows(raw, scale=scale, session=session))
         name = RESULTS[PARTS.index(part)]
-        schema.save(df, name, scale)
-        out[name] = df
+        out[name] = save_part(raw, name, scale, session, flag)
     return out
 
 

@@ -43,7 +43,7 @@ import pandas as pd
 
 from study import analysis, paths, schema
 from study.config import DEFAULT_SCALE, preset
-from study.experiments import chosen_parts, cli, load_saved
+from study.experiments import chosen_parts, cli, load_saved, save_part
 from study.experiments import stragglers_analysis as sa
 from study.measure import (
     Plan,
@@ -306,10 +306,8 @@ def run(scale: str = DEFAULT_SCALE, *, parts: Sequence[str] | None = None,
         raw = pd.concat([run_interleaved(plan, one, int(p["trials"]), quiet=quiet, log=log),
                          run_interleaved(seq, one, int(p["seq_trials"]), quiet=quiet,
                                          log=log)], ignore_index=True, sort=False)
-        df = sa.flag(schema.rows(raw, scale=scale, session=session))
         name = RESULTS[PARTS.index(part)]
-        schema.save(df, name, scale)
-        out[name] = df
+        out[name] = save_part(raw, name, scale, session, sa.flag)
     return out
 
 

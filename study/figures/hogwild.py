@@ -19,6 +19,7 @@ from study import analysis
 from study.config import preset
 from study.experiments import hogwild as hw
 from study.figures import style
+from study.figures.style import empty_figure
 
 NAMES = {"sequential": "sequential (cnn.train)", "hogwild": "HOGWILD lock-free",
          hw.LOCKED: "HOGWILD locked"}
@@ -30,21 +31,14 @@ def _seed_batch(df: pd.DataFrame) -> int:
     return int(preset("hogwild", str(df["scale"].iloc[0]))["seed_batch"])
 
 
-def _empty(name: str, message: str, scale: str, save: bool) -> Any:
-    fig, axes = style.new_figure(1)
-    style.empty(axes[0], message)
-    if save:
-        style.save_figure(fig, name, scale)
-    return fig
-
-
 def speedup(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: bool = True
             ) -> Any:
     """Speedup (samples/s) against the best one-worker run vs workers, per batch size."""
     df = analysis.latest_session(frames.get(hw.RESULTS[0]))
     tp = hw.throughput(df)
     if not len(tp):
-        return _empty("hogwild_speedup", "HOGWILD not measured yet (notebook 05)", scale, save)
+        return empty_figure("hogwild_speedup", "HOGWILD not measured yet (notebook 05)", scale,
+                            save)
     batches = sorted(int(b) for b in tp["batch_size"].unique())
     seed = _seed_batch(df)
     fig, axes = style.new_figure(len(batches), sharey=True)
@@ -72,8 +66,8 @@ def accuracy(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: 
     df = analysis.latest_session(frames.get(hw.RESULTS[0]))
     pts = hw.accuracy_points(df)
     if not len(pts):
-        return _empty("hogwild_accuracy", "HOGWILD not measured yet (notebook 05)", scale,
-                      save)
+        return empty_figure("hogwild_accuracy", "HOGWILD not measured yet (notebook 05)", scale,
+                            save)
     batches = sorted(int(b) for b in pts["batch_size"].unique())
     fig, axes = style.new_figure(len(batches), sharey=True)
     most = int(pts["workers"].max())
@@ -103,7 +97,7 @@ def pinning(frames: Mapping[str, pd.DataFrame], scale: str = "standard", save: b
     series = hw.SERIES["pinning"]
     st, tp = hw.step_points(df, series), hw.throughput(df, series)
     if not len(st):
-        return _empty("hogwild_pinning", "pinning variant not measured yet", scale, save)
+        return empty_figure("hogwild_pinning", "pinning variant not measured yet", scale, save)
     fig, axes = style.new_figure(2)
     for pin, marker, ls in ((False, "o", "-"), (True, "D", "--")):
         lab = "pinned, one core per worker" if pin else "unpinned"

@@ -21,6 +21,7 @@ import pandas as pd
 from study.experiments import stragglers as st
 from study.experiments import stragglers_analysis as sa
 from study.figures import style
+from study.figures.style import empty_figure
 
 CI_NOTE = "median of trials with 95% bootstrap CI"
 WAIT_FOR_ALL = ("allreduce", "param-server", "param-server-backup", "model-average")
@@ -36,14 +37,6 @@ STYLES = {"hogwild (shared)": "--", "hogwild (scaled)": ":", "async-param-server
 
 def _runs(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return sa.runs(frames.get(st.RESULTS[0]))
-
-
-def _empty(name: str, message: str, scale: str, save: bool) -> Any:
-    fig, axes = style.new_figure(1)
-    style.empty(axes[0], message)
-    if save:
-        style.save_figure(fig, name, scale)
-    return fig
 
 
 def _draw(ax: Any, x: Any, pts: pd.DataFrame, series: str, label: str | None = None) -> None:
@@ -77,8 +70,8 @@ def time_to_accuracy(frames: Mapping[str, pd.DataFrame], scale: str = "standard"
     df = frames.get(st.RESULTS[0])
     pts = sa.curve_points(df)
     if not len(pts):
-        return _empty("stragglers_time_to_accuracy", "stragglers not measured yet "
-                      "(notebook 05)", scale, save)
+        return empty_figure("stragglers_time_to_accuracy", "stragglers not measured yet "
+                            "(notebook 05)", scale, save)
     scenarios = [s for s in st.SCENARIOS if s in set(pts["mode"])]
     ncols = min(2, len(scenarios))
     nrows = math.ceil(len(scenarios) / ncols)
@@ -118,8 +111,8 @@ def scenarios(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
     df = frames.get(st.RESULTS[0])
     pts = sa.tta_points(df)
     if not len(pts):
-        return _empty("stragglers_scenarios", "stragglers not measured yet (notebook 05)",
-                      scale, save)
+        return empty_figure("stragglers_scenarios", "stragglers not measured yet (notebook 05)",
+                            scale, save)
     order = [s for s in st.SCENARIOS if s in set(pts["mode"])]
     fig, axes = style.new_figure(2, height=3.0, sharey=True)
     for ax, group, title in ((axes[0], WAIT_FOR_ALL, "waiting for every worker"),
@@ -149,7 +142,7 @@ def staleness(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
                         "hogwild (shared)") if len(r) and s in set(r["series"])]
     panels = [s for s in ("none", "slow4x") if len(r) and s in set(r["mode"])]
     if not show or not panels:
-        return _empty("stragglers_staleness", "no staleness measured yet", scale, save)
+        return empty_figure("stragglers_staleness", "no staleness measured yet", scale, save)
     fig, axes = style.new_figure(len(panels), sharey=True)
     for ax, sc in zip(axes, panels, strict=True):
         for i, series in enumerate(show):
@@ -169,8 +162,8 @@ def momentum(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
     """Notebook extra: HOGWILD's momentum options minus one worker (points), per batch."""
     mt = sa.momentum_table(frames)
     if not len(mt):
-        return _empty("stragglers_momentum", "HOGWILD momentum options not measured yet",
-                      scale, save)
+        return empty_figure("stragglers_momentum", "HOGWILD momentum options not measured yet",
+                            scale, save)
     fig, axes = style.new_figure(1)
     ax = axes[0]
     for series in st.HOGWILD_OPTIONS:

@@ -200,6 +200,16 @@ def empty(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
+def empty_figure(name: str, message: str, scale: str, save: bool = True) -> Any:
+    """A one-panel figure that says why it has no data, saved as ``name`` so a rerun
+    replaces a stale image instead of leaving it."""
+    fig, axes = new_figure(1)
+    empty(axes[0], message)
+    if save:
+        save_figure(fig, name, scale)
+    return fig
+
+
 def text(value: Any, default: str = "?") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
