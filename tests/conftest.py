@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -41,3 +42,12 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = (f"skipped in CI with a reason that is not on the allow-list "
                            f"(tests/conftest.py ALLOWED_SKIPS): {reason}")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures a test draws are closed after it (pyplot keeps every open figure)."""
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close("all")

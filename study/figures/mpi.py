@@ -68,7 +68,7 @@ def scaling(frames: Mapping[str, pd.DataFrame], scale: str = "standard",
         ax.set_xlabel("workers (training ranks)")
         b = p["global_batch"].max() if mode == "strong" else p["batch_size"].max()
         ax.set_title(f"{mode} scaling ({'global batch' if mode == 'strong' else 'per worker'} "
-                     f"{b:g}; baseline {p['baseline'].iloc[0]})")
+                     f"{b:g})\nbaseline: {p['baseline'].iloc[0]}", fontsize=9)
     axes[0].set_ylabel("speedup vs best one-process run")
     return _close(fig, axes, df, f"hollow: oversubscribed; {A.EFFICIENCY_NOTE}",
                   "mpi_speedup", scale, save)

@@ -29,6 +29,14 @@ def forest(headlines: Sequence[Headline], unit: str = "x", reference: float = 1.
         ax.plot([h.value], [y], marker="o", markersize=6, color=c,
                 markerfacecolor="white" if h.anomaly else c)
     ax.axvline(reference, color="#888888", linestyle=":", linewidth=1.0)
+    values = [v for h in rows for v in (h.lo, h.value, h.hi) if np.isfinite(v) and v > 0]
+    if unit == "x" and values and max(values) / min(values) > 10:
+        # ratios from 0.5x to 60x: on a log axis 1.2x and 0.8x stay apart and readable
+        ax.set_xscale("log")
+        ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100)
+                 if min(values) / 1.5 <= t <= max(values) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
     ax.set_yticks(ys, [h.label + (" (flagged)" if h.anomaly else "") for h in rows])
     ax.set_xlabel({"x": "ratio (median, 95% CI)", "%": "efficiency (median, 95% CI)"}.get(
         unit, unit))
