@@ -373,7 +373,7 @@ def test_figures_draw_one_series_per_strategy_and_save(scaling_df, tmp_path, mon
     assert series_in(weak) == 2  # allreduce, param-server with CIs; sequential is the baseline
     assert [t.get_text() for t in weak.get_legend().get_texts()] == [
         "ideal", "allreduce", "param-server"]
-    assert "baseline sequential" in weak.get_title()
+    assert "baseline: sequential" in weak.get_title()
     assert "no strong-scaling rows" in strong.texts[0].get_text()
     assert (tmp_path / "mpi_speedup.png").exists() and (tmp_path / "mpi_speedup.pdf").exists()
     fig = figs.comm_split(frames)
