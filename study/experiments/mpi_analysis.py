@@ -401,6 +401,12 @@ def scaling_headlines(df: pd.DataFrame | None) -> list[Headline]:
                 out.append(analysis.not_measured(key, label, why))
                 continue
             p = hit.iloc[0]
+            if int(p["workers"]) < 2:
+                out.append(analysis.not_measured(key, label, (
+                    f"at P = {int(p['processes'])} (the cores) rank 0 serves, leaving "
+                    f"{int(p['workers'])} training worker: no parallel efficiency to report; "
+                    "it needs 3 or more cores (notebook 04 shows the one-worker point)")))
+                continue
             rows = df[(df["config"] == p["config"]) & (df["session"] == p["session"])]
             counted = (EFFICIENCY_NOTE if strategy in SERVERS else
                        "efficiency = speedup / workers (training ranks x threads)")
