@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -117,6 +117,23 @@ def figures_list(scale: str) -> list[dict[str, str]]:
             for p in sorted(folder.glob("*.pdf"))]
 
 
+#: The abstract's findings, one per question the study asks, in the order of the paper;
+#: a flagged or unmeasured one is left out (it is in the tables, not a finding).
+KEY_FINDINGS: tuple[str, ...] = (
+    "baseline_accuracy", "numba2t_vs_numpy_seed", "numba1t_vs_torch1t_seed",
+    "mpi_weak_allreduce", "mpi_accuracy_async-param-server", "hogwild_speedup_b32",
+    "hogwild_acc_gap_b32", "kfold_speedup_e2e", "peers_allreduce_vs_torch_ddp",
+    "peers_kfold_vs_joblib_e2e", "stragglers_slow4x_sooner", "cuda_vs_torch",
+)
+
+
+def key_findings(heads: Sequence[analysis.Headline]) -> list[str]:
+    """The abstract's sentences: `KEY_FINDINGS` that are measured and not flagged."""
+    by_key = {h.key: h for h in heads}
+    return [finding(by_key[k]) for k in KEY_FINDINGS
+            if k in by_key and by_key[k].measured and not by_key[k].anomaly]
+
+
 def build_summary(scale: str = DEFAULT_SCALE, draft: bool = False) -> dict[str, Any]:
     """Everything the README table and the report print, as one JSON-able dict.
 
@@ -136,6 +153,7 @@ def build_summary(scale: str = DEFAULT_SCALE, draft: bool = False) -> dict[str, 
         "built_on": {"host": info["host"], "cpu": info["cpu"], "gpu": info["gpu"]},
         "headlines": [h.to_dict() for h in heads],
         "findings": [finding(h) for h in heads if h.measured],
+        "key_findings": key_findings(heads),
         "not_measured": [finding(h) for h in heads if not h.measured],
         "counts": {"measured": sum(h.measured for h in heads),
                    "not_measured": sum(not h.measured for h in heads),

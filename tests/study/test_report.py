@@ -108,3 +108,16 @@ def test_quick_study_in_a_fresh_clone_leaves_the_committed_study_alone(tmp_path)
     assert git(clone, "status", "--porcelain") == ""
     assert (clone / "build" / "quick" / "report.pdf").is_file()
     assert (clone / "build" / "quick" / "notebooks" / "01_sequential_baseline.ipynb").is_file()
+
+
+def test_the_abstract_leads_with_measured_unflagged_key_findings_in_order():
+    from study.analysis import Headline, not_measured
+    heads = [Headline("hogwild_speedup_b32", "HOGWILD", 1.9, 1.8, 2.0, "x", trials=5),
+             Headline("mpi_weak_allreduce", "MPI weak", 0.9, 0.8, 0.95, "%", trials=5),
+             Headline("stragglers_slow4x_sooner", "slow", 2.4, 2.2, 3.4, "x", trials=5,
+                      anomaly="95% CI too wide"),
+             not_measured("cuda_vs_torch", "CUDA", "no GPU"),
+             Headline("unlisted", "not a key finding", 3.0, 2.9, 3.1, "x", trials=5)]
+    lines = report.key_findings(heads)
+    assert [line.split(":")[0] for line in lines] == ["MPI weak", "HOGWILD"]
+    assert "[" in lines[0]  # its interval goes with it
