@@ -108,6 +108,14 @@ def test_max_steps_below_an_epoch_on_one_core_does_not_hang(tmp_path, max_steps)
     assert not _segments(proc.pid)
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a terminal's foreground
+    job. A suite started in the background (``cmd &`` in a script) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt: Ctrl-C could not be tested."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_everything_and_cleans_up():
     """Ctrl-C in a terminal interrupts the whole process group: parent and workers."""
     import signal
@@ -116,7 +124,7 @@ def test_ctrl_c_stops_everything_and_cleans_up():
     cmd = [sys.executable, "-m", "cnn.parallel.hogwild", "--workers", "2", "--dataset",
            "digits", "--epochs", "500", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not _segments(proc.pid):

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+from test_hogwild import default_sigint
 from test_mpi import (
     COMMON,
     MPIEXEC,
@@ -508,7 +509,7 @@ def _popen(argv: list[str]) -> subprocess.Popen:
     """A CLI in its own session (as a terminal's foreground job: Ctrl-C reaches the group)."""
     return subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            preexec_fn=default_sigint, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _stop_group(proc: subprocess.Popen, sig: int, wait_for: Path) -> tuple[str, str, list]:
