@@ -37,6 +37,8 @@ def quick_copy(dest: Path) -> Path:
     nb = nbformat.read(ROOT / "notebooks" / "01_sequential_baseline.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = 'scale = "quick"\nmeasure = True'
+    # the committed copy carries papermill's injected cell (measure = False) after it
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     for c in nb.cells:
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
