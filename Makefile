@@ -78,7 +78,7 @@ report: $(VENV)/.installed
 	$(PY) -m study report $(STUDY_ARGS)
 
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	env -u MPLBACKEND $(VENV)/bin/jupyter lab notebooks/  # inline figures, not agg
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -10,10 +10,11 @@ the notebook and the cell, and keeps the executed copy with the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,19 @@ def failed_cell(nb: Any, original: Any | None, exc: BaseException
     return None, source
 
 
+@contextlib.contextmanager
+def inline_figures() -> Iterator[None]:
+    """The kernel without ``$MPLBACKEND`` (the Makefile and the tests set ``agg`` for
+    scripts): a notebook then draws with Jupyter's inline backend and its saved outputs
+    carry the figures as images, not ``<Figure size ...>``."""
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
+
+
 def run_notebook(path: Path, scale: str = DEFAULT_SCALE, timeout: float | None = None,
                  kernel_name: str | None = None, cwd: Path | None = None,
                  out: Path | None = None,
@@ -134,9 +148,11 @@ def run_notebook(path: Path, scale: str = DEFAULT_SCALE, timeout: float | None =
     t0 = time.perf_counter()
     try:
         try:
-            pm.execute_notebook(str(path), tmp, parameters=params, kernel_name=kernel_name,
-                                cwd=str(cwd or path.parent), progress_bar=False,
-                                log_output=False, execution_timeout=timeout)
+            with inline_figures():
+                pm.execute_notebook(str(path), tmp, parameters=params,
+                                    kernel_name=kernel_name, cwd=str(cwd or path.parent),
+                                    progress_bar=False, log_output=False,
+                                    execution_timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 -- report every way a notebook can fail
             if isinstance(exc, KeyboardInterrupt):
                 raise

@@ -56,7 +56,9 @@ def lab(tmp_path):
     work.mkdir()
     quick_copy(work)
     port = free_port()
-    env = {**os.environ, "CNN_RESULTS_DIR": str(tmp_path / "results"),
+    # as `make lab` runs it: without the Makefile's MPLBACKEND=agg, so figures are images
+    env = {**{k: v for k, v in os.environ.items() if k != "MPLBACKEND"},
+           "CNN_RESULTS_DIR": str(tmp_path / "results"),
            "CNN_IMAGES_DIR": str(tmp_path / "images"), "PYTHONPATH": str(ROOT),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrun")}

@@ -46,3 +46,16 @@ def test_readme_table_is_the_generated_one(committed):
     table = text[text.index("\n", start) + 1:end].strip()
     assert table == report.readme_table(committed).strip(), \
         "README table differs from results/summary.json: run python -m study summary --readme"
+
+
+def test_committed_notebooks_show_their_figures():
+    """Saved with outputs, and the figures among them as images (a kernel run under
+    MPLBACKEND=agg would have saved only '<Figure size ...>')."""
+    import nbformat
+    for path in sorted(paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert outputs, f"{path.name} committed without outputs"
+        assert not [o for o in outputs if o.get("output_type") == "error"], path.name
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        assert images, f"{path.name}: no figure saved as an image"
