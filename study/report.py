@@ -190,9 +190,15 @@ def write_summary(summary: Mapping[str, Any], path: str | Path | None = None) ->
 
 
 def readme_table(summary: Mapping[str, Any]) -> str:
-    """The README's headline table: value with CI, trials, configuration, source."""
-    lines = ["| finding | value [95% CI] | trials | configuration | source |",
-             "| --- | ---: | ---: | --- | --- |"]
+    """The README's block: the key findings (the report's abstract), then every headline
+    as a table (value with CI, trials, configuration, source)."""
+    lines = []
+    if summary.get("key_findings"):
+        lines += ["**Key findings** (measured, not flagged):", ""]
+        lines += [f"- {line}" for line in summary["key_findings"]]
+        lines += ["", "**Every headline:**", ""]
+    lines += ["| finding | value [95% CI] | trials | configuration | source |",
+              "| --- | ---: | ---: | --- | --- |"]
     for h in summary["headlines"]:
         if h["value"] is None:
             lines.append(f"| {h['label']} | not measured | | | {h['note']} |")
