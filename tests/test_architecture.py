@@ -135,10 +135,6 @@ def test_no_private_name_used_from_another_module():
                     node.value.id in aliases and node.attr.startswith("_") and \
                     not node.attr.startswith("__"):
                 target = aliases[node.value.id]
-                # a backend's own private kernel module (``_numba_kernels``) is its own
-                if Path(mods.get(target, Path("x"))).name.startswith("_") and \
-                        target.rsplit(".", 1)[0] == m.rsplit(".", 1)[0]:
-                    continue
                 bad.append(f"{p.relative_to(ROOT)}:{node.lineno} uses {target}.{node.attr}")
     assert not bad, "\n".join(sorted(set(bad)))
 

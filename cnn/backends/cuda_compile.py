@@ -3,7 +3,7 @@
     python -m cnn.backends.cuda_compile              # sm_90 (H100/H200), float32 + float64
     python -m cnn.backends.cuda_compile --cc 8.0 --json out.json
 
-No GPU is needed: each kernel of ``_cuda_kernels.specs`` is compiled to PTX by NVVM
+No GPU is needed: each kernel of ``cuda_kernels.specs`` is compiled to PTX by NVVM
 (numba-cuda) for the target, with exactly the argument types the backend launches
 it with, and assembled by nvJitLink (``cuda.bindings``), whose ``-verbose`` log gives
 registers, shared memory, stack frame and spill bytes. On a machine with a GPU the
@@ -89,7 +89,7 @@ def _device_compile(spec: Any, cc: tuple[int, int]) -> tuple[str, dict[str, int]
     """PTX and resources of the kernel as loaded on this machine's GPU (what runs)."""
     from numba import cuda
 
-    from cnn.backends import _cuda_kernels as K
+    from cnn.backends import cuda_kernels as K
 
     kernel = cuda.jit([spec.signature], **K.jit_options(spec.launch_bounds))(spec.pyfunc)
     (compiled,) = kernel.overloads.values()  # the one signature
@@ -105,7 +105,7 @@ def compile_report(cc: tuple[int, int] = (9, 0),
     """One row per kernel and dtype (see :data:`COLUMNS`); raises on a compile error."""
     from numba import cuda
 
-    from cnn.backends import _cuda_kernels as K
+    from cnn.backends import cuda_kernels as K
 
     real_gpu = cuda.is_available() and cuda.get_current_device().compute_capability == cc
     rows = []

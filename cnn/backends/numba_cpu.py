@@ -24,7 +24,7 @@ bit-identical to the unfused pairs) for a Network that fuses those layers, and
 ``max_threads()``. Outputs are recycled buffers once nobody references them (see
 ``_out``), so a step allocates no big arrays; results a caller keeps are never reused.
 
-The jitted code lives in :mod:`cnn.backends._numba_kernels` and is cached on disk
+The jitted code lives in :mod:`cnn.backends.numba_kernels` and is cached on disk
 (``NUMBA_CACHE_DIR`` if set); this module checks arguments before entering it.
 Tuning history and measurements: ``benchmarks/NOTES.md``.
 """
@@ -39,7 +39,7 @@ import threading
 
 import numpy as np
 
-from cnn.backends import _numba_kernels as K
+from cnn.backends import numba_kernels as K
 
 # host arrays: kept exactly as the reference keeps them
 from cnn.backends.numpy_seq import copy_into, device_name, from_host, to_host, zeros  # noqa: F401

@@ -5,7 +5,7 @@ The Network's flat ``params`` / ``grads`` buffers become device arrays (``from_h
 / ``zeros``), the layer views are device-array slices, and every kernel takes and
 returns device arrays.
 
-Memory (``_cuda_memory``): every array comes from a pool that hands a block of the
+Memory (``cuda_memory``): every array comes from a pool that hands a block of the
 same size out again once nothing refers to it, so after the first step a training
 step allocates nothing and device memory stays flat; :func:`memory_stats` is the
 bookkeeping. Out of memory raises :class:`OutOfDeviceMemory` naming the batch size
@@ -18,7 +18,7 @@ for each upload's event). A caller can load a batch straight into a pinned buffe
 back as a :class:`DeviceLoss`: ``float()`` waits for the loss's own copy (an event),
 not for the rest of the step.
 
-Kernels (``_cuda_kernels``, ``_cuda_gemm``): convolution is an implicit GEMM tiled
+Kernels (``cuda_kernels``, ``cuda_gemm``): convolution is an implicit GEMM tiled
 through shared memory (no im2col buffer) with the bias and, in
 ``conv2d_relu_forward``, the ReLU fused; dense layers are a tiled GEMM with the bias
 fused; ``maxpool2d_relu_backward`` does the pool's and the ReLU's backward in one
@@ -46,9 +46,9 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda
 
-from cnn.backends import _cuda_gemm as G
-from cnn.backends import _cuda_kernels as K
-from cnn.backends._cuda_memory import (
+from cnn.backends import cuda_gemm as G
+from cnn.backends import cuda_kernels as K
+from cnn.backends.cuda_memory import (
     DeviceLoss,
     DevicePool,
     LossSlots,
@@ -410,7 +410,7 @@ _taps_cache: dict[tuple[int, int], Any] = {}
 
 
 def _taps(channels: int, k: int):
-    """The device copy of ``_cuda_gemm.conv_taps``, uploaded once per geometry."""
+    """The device copy of ``cuda_gemm.conv_taps``, uploaded once per geometry."""
     key = (channels, k)
     if key not in _taps_cache:
         host = G.conv_taps(channels, k)
@@ -536,7 +536,7 @@ def sigmoid_backward(dy, y):
 # --- dense ---------------------------------------------------------------------------------------
 
 def _gemm(a, a_kr: bool, b, b_kr: bool, out, bias=None, db=None, ones_at: int = -1) -> None:
-    """``out = A @ B (+ bias)`` (see ``_cuda_gemm.gemm``), split over K when the output
+    """``out = A @ B (+ bias)`` (see ``cuda_gemm.gemm``), split over K when the output
     has fewer tiles than the GPU has multiprocessors."""
     m = a.shape[1] if a_kr else a.shape[0]
     k_len = a.shape[0] if a_kr else a.shape[1]

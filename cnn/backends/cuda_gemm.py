@@ -100,7 +100,7 @@ def signatures(dtype) -> dict[str, tuple]:
 @functools.cache
 def gemm_functions(dtype, bm: int, bn: int) -> SimpleNamespace:
     """The Python functions of the GEMM kernels for one dtype and ``(BM, BN)`` tile
-    (not yet compiled: :func:`cnn.backends._cuda_kernels.build` makes kernels of them)."""
+    (not yet compiled: :func:`cnn.backends.cuda_kernels.build` makes kernels of them)."""
     dt = numba.from_dtype(np.dtype(dtype))
     zero = np.dtype(dtype).type(0)
     one = np.dtype(dtype).type(1)

@@ -7,7 +7,7 @@ for those signatures on a GPU, so a launch with other types is an error, not a
 silent recompile); ``cnn.backends.cuda_compile`` compiles the same specs to PTX for
 sm_90 without a GPU and reports registers, shared memory and spills per kernel.
 
-The GEMM-shaped kernels live in ``_cuda_gemm``; here are the elementwise, pooling,
+The GEMM-shaped kernels live in ``cuda_gemm``; here are the elementwise, pooling,
 loss, optimiser and probe kernels. All elementwise kernels use grid-stride loops
 over flat indices; typed constants keep float32 maths in float32 (a bare ``1.0``
 would promote it to float64).
@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from numba import config, cuda, types
 
-from cnn.backends import _cuda_gemm as G
+from cnn.backends import cuda_gemm as G
 
 # The GEMM tile constants, also read from here (the notebook's kernel table).
 PAD, RM, RN, TILES, TK = G.PAD, G.RM, G.RN, G.TILES, G.TK
