@@ -7,6 +7,7 @@
     python -m study report [--draft]
     python -m study export mpi_scaling_runs out.csv
     python -m study schema                       # the results columns, typed
+    python -m study reproduce /tmp/rerun --pool  # a re-run inside the committed CIs? keep it
 
 ``quick`` writes under build/quick and never touches the committed results, images,
 notebooks, README or report.
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", help="results file stem, e.g. mpi_scaling_runs")
     e.add_argument("dest", help="output path ending in .csv or .parquet")
     sub.add_parser("schema", help="print the results schema")
+    rp = scaled("reproduce", "is each headline of a re-run (its own results folder) inside "
+                "the committed 95%% interval? Recorded in results/reproduction.json")
+    rp.add_argument("folder", help="the re-run's results folder (CNN_RESULTS_DIR of the re-run)")
+    rp.add_argument("--pool", action="store_true",
+                    help="then add the re-run to results/ as one more sitting")
     return p
 
 
@@ -102,6 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         print(schema.export(args.name, args.dest, args.scale))
         return 0
+    if args.command == "reproduce":
+        from study import reproduce
+
+        try:
+            return reproduce.main(args.folder, args.scale, pool=args.pool)
+        except (FileNotFoundError, ValueError, schema.SchemaError) as exc:
+            print(f"reproduce refused: {exc}", file=sys.stderr)
+            return 2
     if args.command == "run":
         for family in args.families:
             importlib.import_module(FAMILIES[family]).run(args.scale)

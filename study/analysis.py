@@ -3,7 +3,8 @@ defined once. Every number the notebooks, the README and the report print comes 
 
 The rules (docs/DESIGN.md, "Numbers a reader can trust"):
 
-- a point is the median of its trials with a 95% bootstrap confidence interval;
+- a point is the median of its trials with a 95% bootstrap confidence interval (a
+  headline then pools the sittings kept in results/: study/sittings.py);
 - a speedup is against the best one-worker run of the same configuration (``config``)
   measured in the same session, never against a run from another sitting or host;
 - anomalies are flagged, not printed as findings: efficiency above 1.05 on
@@ -280,6 +281,8 @@ def headline_from_point(key: str, label: str, p: pd.Series | dict[str, Any], uni
                  host=str(p.get("host", "")), anomaly=str(p.get("anomaly", "") or ""),
                  note=note)
     if rows is not None and len(rows):
+        if not h.session and "session" in rows:
+            h.session = "+".join(sorted(set(rows["session"].astype(str))))
         h.scale = ",".join(sorted(set(rows["scale"].astype(str))))
         h.cpu = str(rows["cpu"].iloc[0])
         if h.scale != "standard" and "full" not in h.scale:

@@ -2,9 +2,10 @@
 
 One row per measured run, epoch or trial in ``results/<name>.pkl``. Frames are validated
 on every save and every load; a file that does not match fails with an error naming the
-file and the column. Rows of one scale never replace rows of another, and a re-run on one
-host replaces only that host's rows of the same experiments and scale
-(docs/DESIGN.md, "Results").
+file and the column. Rows of one scale never replace rows of another. A re-run on one
+host adds a sitting beside that host's earlier ones of the same experiments and scale (the
+newest three are kept and the headlines pool them), unless ``$CNN_REPLACE_SITTINGS`` asks
+for a replacement (docs/DESIGN.md, "Results").
 
 Results pickles are trusted input (unpickling runs code): they are read only from the
 project's own results folder. `export` writes CSV (or Parquet, with pyarrow) for sharing.
@@ -311,20 +312,37 @@ def load_all(scale: str = "standard", strict: bool = False) -> dict[str, pd.Data
     return {p.stem: load_file(p, strict=strict) for p in sorted(folder.glob("*.pkl"))}
 
 
-def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+#: Sittings (sessions) of one experiment kept per host and scale: the headlines pool them
+#: (study/sittings.py), so a number is not one sitting's luck on a shared machine.
+SITTINGS_KEPT = 3
+#: Set (``--replace`` on a family's command line) to drop the earlier sittings instead of
+#: pooling with them: after a change to the code or the preset that moves the numbers.
+REPLACE_ENV = "CNN_REPLACE_SITTINGS"
+
+
+def merge(old: pd.DataFrame, new: pd.DataFrame, replace: bool = False) -> pd.DataFrame:
     """``new`` plus the rows of ``old`` it does not supersede.
 
-    A new row supersedes an old one of the same experiment, host and scale: a re-run on
-    one machine replaces that machine's rows, rows measured elsewhere or at another scale
-    are kept.
+    A new row supersedes the old rows of the same experiment, host, scale and session
+    (with ``replace``: of any session). Earlier sittings of the same experiment on the
+    same host are kept, the newest `SITTINGS_KEPT` of them in all; rows measured
+    elsewhere or at another scale are always kept.
     """
     key = ["experiment", "host", "scale"]
-    fresh = set(map(tuple, new[key].astype(str).to_numpy()))
-    keep = [tuple(k) not in fresh for k in old[key].astype(str).to_numpy()]
+    same = key if replace else [*key, "session"]
+    fresh = set(map(tuple, new[same].astype(str).to_numpy()))
+    keep = [tuple(k) not in fresh for k in old[same].astype(str).to_numpy()]
     kept = old.loc[keep]
     if not len(kept):
         return new.reset_index(drop=True)
-    return pd.concat([new, kept], ignore_index=True, sort=False)
+    out = pd.concat([new, kept], ignore_index=True, sort=False)
+    newest: dict[tuple[str, ...], list[str]] = {}
+    for k, sessions in out.groupby(key, sort=False)["session"]:
+        newest[tuple(map(str, k))] = sorted(set(sessions.astype(str)),
+                                            reverse=True)[:SITTINGS_KEPT]
+    keep = [str(s) in newest[tuple(k)] for k, s in zip(
+        out[key].astype(str).itertuples(index=False, name=None), out["session"], strict=True)]
+    return out.loc[keep].reset_index(drop=True)
 
 
 def save(df: pd.DataFrame, name: str, scale: str | None = None) -> Path:
@@ -341,7 +359,7 @@ def save(df: pd.DataFrame, name: str, scale: str | None = None) -> Path:
     path = path_of(name, scale)
     out = new
     if path.exists():
-        out = merge(load_file(path), new)
+        out = merge(load_file(path), new, replace=bool(os.environ.get(REPLACE_ENV)))
     out = validate(out, where=paths.shown(path))
     with atomic_write(path) as fh:
         out.to_pickle(fh)

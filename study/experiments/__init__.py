@@ -18,6 +18,7 @@ The family's figures live in ``study/figures/<family>.py``. Sizes come only from
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 
 import pandas as pd
@@ -82,7 +83,12 @@ def cli(family: str, doc: str, run: Callable[..., dict[str, pd.DataFrame]],
         p.add_argument("--parts", default=None,
                        help=f"comma-separated subset of: {', '.join(parts)} (default: all)")
     p.add_argument("--quiet", action="store_true", help="no per-trial log lines")
+    p.add_argument("--replace", action="store_true",
+                   help="drop this host's earlier sittings of the parts run instead of "
+                        "pooling with them (after a change that moves the numbers)")
     args = p.parse_args(argv)
+    if args.replace:
+        os.environ[schema.REPLACE_ENV] = "1"
     chosen = None
     if parts and args.parts:
         chosen = [x.strip() for x in args.parts.split(",") if x.strip()]

@@ -79,16 +79,31 @@ def test_quick_rows_never_replace_standard_rows(scratch):
     assert (scratch / "build" / "quick" / "results" / "exp.pkl").is_file()
 
 
-def test_rerun_on_the_same_host_replaces_only_its_own_rows(scratch):
+def test_a_rerun_is_kept_as_a_sitting_beside_the_earlier_ones(scratch):
     first = rows(session="a")
     other = first.copy()
     other["host"] = "elsewhere"
     schema.save(pd.concat([first, other], ignore_index=True), "exp")
     schema.save(rows(session="b"), "exp")
     df = schema.load("exp")
-    assert sorted(zip(df["host"], df["session"], strict=True)) == [
-        ("elsewhere", "a"), ("elsewhere", "a"), (first["host"][0], "b"),
-        (first["host"][0], "b")]
+    here = first["host"][0]
+    assert sorted(zip(df["host"], df["session"], strict=True)) == sorted(
+        [("elsewhere", "a")] * 2 + [(here, "a")] * 2 + [(here, "b")] * 2)
+
+
+def test_the_same_sitting_saved_again_replaces_itself_and_only_three_are_kept(scratch):
+    for session in ("s1", "s2", "s3", "s3", "s4"):
+        schema.save(rows(session=session), "exp")
+    df = schema.load("exp")
+    assert sorted(set(df["session"])) == ["s2", "s3", "s4"]
+    assert (df["session"].value_counts() == 2).all()
+
+
+def test_replace_drops_the_earlier_sittings(scratch, monkeypatch):
+    schema.save(rows(session="a"), "exp")
+    monkeypatch.setenv(schema.REPLACE_ENV, "1")
+    schema.save(rows(session="b"), "exp")
+    assert set(schema.load("exp")["session"]) == {"b"}
 
 
 def test_strict_validation_names_an_undeclared_column(scratch):

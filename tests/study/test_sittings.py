@@ -1,0 +1,134 @@
+"""Headlines pooled over sittings, and the re-run check, against answers known in advance."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from cnn.metrics import make_row
+from study import analysis as A
+from study import paths, report, reproduce, schema, sittings
+
+
+def rates(session, values, experiment="exp", host="h"):
+    return pd.DataFrame([dict(experiment=experiment, host=host, session=session, config="c",
+                              strategy=s, workers=w, samples_per_s=v)
+                         for (s, w), vals in values.items() for v in vals])
+
+
+def speedup_headline(frames):
+    """A family's `headlines` in miniature: the 2-worker speedup of the newest sitting."""
+    df = A.latest_session(frames["runs"])
+    p = A.speedups(df)
+    p = p[p["workers"] == 2].iloc[0]
+    return [A.headline_from_point("speedup", "two workers", p, "x", rows=df.assign(
+        scale="standard", cpu="cpu"))]
+
+
+def test_nth_sitting_is_per_experiment_and_falls_back_to_the_oldest():
+    df = pd.concat([rates("20260101T1", {("seq", 1): [1]}), rates("20260101T2", {("seq", 1): [2]}),
+                    rates("20260101T3", {("seq", 1): [3]}, experiment="other")])
+    assert sittings.sitting_count({"f": df}) == 2
+    newest, older, beyond = (sittings.nth_sitting(df, k) for k in (0, 1, 5))
+    assert sorted(newest["samples_per_s"]) == [2, 3]
+    assert sorted(older["samples_per_s"]) == [1, 3]
+    assert sorted(beyond["samples_per_s"]) == [1, 3]
+
+
+def test_one_sitting_is_left_as_it_is():
+    frames = {"runs": rates("s1", {("seq", 1): [100] * 5, ("par", 2): [190, 191, 189, 190, 190]})}
+    [h] = sittings.pooled_headlines(speedup_headline, frames)
+    [direct] = speedup_headline(frames)
+    assert (h.value, h.lo, h.hi, h.trials) == (direct.value, direct.lo, direct.hi, 5)
+    assert "sittings" not in h.extra
+
+
+def test_two_sittings_pool_to_the_median_and_the_envelope_of_their_intervals():
+    a = rates("20260101T1", {("seq", 1): [100] * 5, ("par", 2): [180, 181, 179, 180, 182]})
+    b = rates("20260101T2", {("seq", 1): [100] * 5, ("par", 2): [186, 185, 187, 186, 184]})
+    [ha] = speedup_headline({"runs": a})
+    [hb] = speedup_headline({"runs": b})
+    [h] = sittings.pooled_headlines(speedup_headline, {"runs": pd.concat([a, b])})
+    assert h.value == pytest.approx((ha.value + hb.value) / 2)
+    assert (h.lo, h.hi) == (ha.lo, hb.hi)
+    assert h.trials == 10 and h.session == "20260101T2+20260101T1"
+    assert [s["session"] for s in h.extra["sittings"]] == ["20260101T2", "20260101T1"]
+    assert "sittings disagree" in h.anomaly  # [1.79, 1.82] and [1.84, 1.87] do not overlap
+    assert "2 sittings pooled" in h.note
+
+
+def test_overlapping_sittings_are_not_flagged_but_a_wide_envelope_is():
+    a = rates("20260101T1", {("seq", 1): [100] * 5, ("par", 2): [170, 180, 190, 185, 175]})
+    b = rates("20260101T2", {("seq", 1): [100] * 5, ("par", 2): [182, 188, 178, 186, 184]})
+    [h] = sittings.pooled_headlines(speedup_headline, {"runs": pd.concat([a, b])})
+    assert h.anomaly == ""
+    c = rates("20260101T3", {("seq", 1): [100] * 5, ("par", 2): [120, 200, 150, 130, 190]})
+    [h] = sittings.pooled_headlines(speedup_headline, {"runs": pd.concat([a, b, c])})
+    assert "interval over 3 sittings" in h.anomaly and "wider than 20%" in h.anomaly
+
+
+def test_a_sitting_of_another_configuration_is_not_pooled():
+    a = rates("20260101T1", {("seq", 1): [100] * 5, ("par", 2): [150] * 5})
+    a["config"] = "old preset"
+    b = rates("20260101T2", {("seq", 1): [100] * 5, ("par", 2): [180, 181, 179, 180, 182]})
+    [h] = sittings.pooled_headlines(speedup_headline, {"runs": pd.concat([a, b])})
+    assert h.value == pytest.approx(1.8) and h.trials == 5
+
+
+def test_deterministic_sittings_that_agree_keep_no_interval():
+    same = [A.Headline("acc", "acc", 0.92, session=s, trials=1) for s in ("b", "a")]
+    h = sittings.pool(same)
+    assert h.value == 0.92 and math.isnan(h.lo) and h.trials == 2
+    h = sittings.pool([same[0], A.Headline("acc", "acc", 0.90, session="a", trials=1)])
+    assert (h.lo, h.hi) == (0.90, 0.92)
+
+
+def test_check_says_inside_outside_and_equal():
+    committed = [A.Headline("x", "x", 1.8, 1.7, 1.9, "x"), A.Headline("y", "y", 0.92),
+                 A.Headline("z", "z", 2.0, 1.9, 2.1, "x"), A.not_measured("w", "w", "no GPU")]
+    rerun = [A.Headline("x", "x", 1.75, 1.6, 1.8, "x"), A.Headline("y", "y", 0.92),
+             A.Headline("z", "z", 2.2, 2.1, 2.3, "x"), A.Headline("w", "w", 3.0)]
+    t = sittings.check(committed, rerun).set_index("key")
+    assert t.loc["x", "inside"] and t.loc["y", "inside"] and not t.loc["z", "inside"]
+    assert t.loc["w", "inside"] is None
+    assert "deterministic" in t.loc["y", "how"]
+
+
+def baseline_rows(session, rate):
+    raw = [make_row(experiment="baseline_train", strategy="sequential", backend="numpy",
+                    processes=1, threads=1, device="cpu", model="seed_cnn",
+                    dataset="fashion-mnist", batch_size=64, epoch=e, test_acc=0.9,
+                    samples_per_s=rate + e, config="seed_cnn/fashion-mnist") for e in range(5)]
+    return schema.rows(raw, scale="standard", session=session)
+
+
+def test_reproduce_checks_a_rerun_folder_then_pools_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv(paths.RESULTS_ENV, raising=False)
+    (tmp_path / "results").mkdir()
+    schema.save(baseline_rows("20260101T1", 3000.0), "baseline_fashion_mnist")
+    rerun = tmp_path / "rerun"
+    with reproduce.results_folder(rerun):
+        rerun.mkdir()
+        schema.save(baseline_rows("20260101T2", 3500.0), "baseline_fashion_mnist")
+    assert paths.RESULTS_ENV not in __import__("os").environ
+    rec = reproduce.compare(rerun)
+    rows = {r["key"]: r for r in rec["rows"]}
+    assert rec["families"] == ["baseline"] and rec["compared"] == 2
+    assert rows["baseline_accuracy"]["inside"] is True  # deterministic and equal
+    assert rows["baseline_throughput"]["inside"] is False  # 3502 outside [3000, 3004]
+    reproduce.append_record(rec)
+    assert len(report.reproduction_checks()) == 1
+    reproduce.pool_in(rerun)
+    assert set(schema.load("baseline_fashion_mnist")["session"]) == {"20260101T1", "20260101T2"}
+    pooled = {h.key: h for h in report.all_headlines(report.family_frames())}
+    t = pooled["baseline_throughput"]
+    assert t.lo == pytest.approx(3000.0, abs=1.5) and t.hi == pytest.approx(3504.0, abs=1.5)
+    assert t.trials == 10
+
+
+def test_reproduce_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results"):
+        reproduce.compare(tmp_path)
