@@ -11,8 +11,9 @@ sitting by its family's own `headlines(frames)`, then pooled:
 - interval: from the lowest sitting's lower bound to the highest sitting's upper bound (the
   envelope of their 95% intervals). It covers the noise within a sitting and the drift
   between them; it is conservative and grows with sittings, hence the cap of three;
-- flags: a sitting's flags carry over; the pooled interval is checked again for width; two
-  sittings whose intervals do not overlap are flagged as disagreeing;
+- flags: a sitting's flags carry over; the pooled interval is checked again for width
+  (except for differences in points, which may sit at zero); two sittings whose intervals
+  do not overlap are flagged as disagreeing;
 - only sittings with the newest sitting's host, configuration and unit are pooled.
 
 Figures draw the newest sitting; the headlines (README, report, summary.json) pool.
@@ -30,35 +31,35 @@ import pandas as pd
 from study import analysis
 
 Frames = Mapping[str, pd.DataFrame]
+#: Units whose value is a difference that may be zero: a width relative to it means nothing.
+NO_WIDTH_RULE = ("points",)
 
 
-def sitting_count(frames: Frames) -> int:
-    """The most sittings any (file, experiment, host) of ``frames`` holds."""
-    most = 1
-    for df in frames.values():
-        if df is None or not len(df) or "session" not in df:
-            continue
-        keys = [c for c in ("experiment", "host") if c in df]
-        counts = df.groupby(keys)["session"].nunique() if keys else [df["session"].nunique()]
-        most = max(most, int(max(counts)))
-    return most
+def sessions(frames: Frames) -> list[str]:
+    """Every sitting (session) of ``frames``, newest first (session ids start with the time)."""
+    found = {str(x) for df in frames.values() if df is not None and len(df)
+             and "session" in df for x in df["session"]}
+    return sorted(found, reverse=True)
 
 
-def nth_sitting(df: pd.DataFrame | None, k: int) -> pd.DataFrame | None:
-    """Each experiment's (and host's) ``k``-th newest sitting (0 = newest); an experiment
-    with fewer sittings gives its oldest. Session ids start with their UTC time."""
+def sitting_frames(df: pd.DataFrame | None, session: str) -> pd.DataFrame | None:
+    """The rows of ``session`` for each experiment (and host) that has it, the newest
+    sitting's rows for the others."""
     if df is None or not len(df) or "session" not in df:
         return df
     keys = [c for c in ("experiment", "host") if c in df]
     parts = []
     for _, g in (df.groupby(keys, sort=False) if keys else [(None, df)]):
-        sessions = sorted(set(g["session"].astype(str)), reverse=True)
-        parts.append(g[g["session"].astype(str) == sessions[min(k, len(sessions) - 1)]])
+        have = set(g["session"].astype(str))
+        pick = session if session in have else max(have)
+        parts.append(g[g["session"].astype(str) == pick])
     return pd.concat(parts).sort_index()
 
 
 def identity(h: analysis.Headline) -> tuple[object, ...]:
     """What makes two headlines of one key the same sitting's (the session when known)."""
+    if not h.measured:
+        return ("not measured",)
     if h.session:
         return ("session", h.session)
     return ("value", h.value, h.lo, h.hi)
@@ -66,18 +67,28 @@ def identity(h: analysis.Headline) -> tuple[object, ...]:
 
 def pooled_headlines(build: Callable[[dict[str, pd.DataFrame]], list[analysis.Headline]],
                      frames: Frames) -> list[analysis.Headline]:
-    """``build`` (a family's ``headlines``) once per sitting, each key pooled (`pool`)."""
-    rounds = sitting_count(frames)
+    """``build`` (a family's ``headlines``) once per sitting, each key pooled (`pool`).
+
+    The build for sitting S sees S's rows wherever an experiment has them; a headline it
+    gives counts for S only if it comes from S (its ``session`` names S, or it has none):
+    a number that pairs two files is never made of two sittings' rows.
+    """
     order: list[str] = []
+    first: dict[str, analysis.Headline] = {}
     found: dict[str, list[analysis.Headline]] = {}
-    for k in range(rounds):
-        for h in build({n: nth_sitting(df, k) for n, df in frames.items()}):
-            if h.key not in found:
+    for session in sessions(frames) or [""]:
+        built = build({n: sitting_frames(df, session) if session else df
+                       for n, df in frames.items()})
+        for h in built:
+            if h.key not in first:
                 order.append(h.key)
-                found[h.key] = [h]
-            elif identity(h) not in {identity(x) for x in found[h.key]}:
-                found[h.key].append(h)
-    return [pool(found[key]) for key in order]
+                first[h.key] = h
+            if session and h.session and session not in h.session:
+                continue
+            mine = found.setdefault(h.key, [])
+            if identity(h) not in {identity(x) for x in mine}:
+                mine.append(h)
+    return [pool(found.get(key) or [first[key]]) for key in order]
 
 
 def interval(h: analysis.Headline) -> tuple[float, float]:
@@ -102,12 +113,14 @@ def pool(heads: Sequence[analysis.Headline]) -> analysis.Headline:
         lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
     else:  # deterministic: every sitting gave the same number
         lo = hi = math.nan
+    # a difference (points) may sit at zero: no width rule, its sittings' own flags stand
+    width_rule = newest.unit not in NO_WIDTH_RULE
     flags: list[str] = []
     for h in same:
         for part in filter(None, (h.anomaly or "").split("; ")):
-            if "wider than" not in part and part not in flags:
+            if (not width_rule or "wider than" not in part) and part not in flags:
                 flags.append(part)
-    if analysis.ci_too_wide(value, lo, hi):
+    if width_rule and analysis.ci_too_wide(value, lo, hi):
         flags.append(f"the interval over {len(same)} sittings [{lo:.4g}, {hi:.4g}] is wider "
                      f"than {analysis.WIDE_CI:.0%} of the median {value:.4g}")
     if len(with_ci) > 1 and max(h.lo for h in with_ci) > min(h.hi for h in with_ci):

@@ -343,7 +343,12 @@ def costmodel_check(costmodel_df: pd.DataFrame, scaling_df: pd.DataFrame | None 
                      "processes": int(procs), "batch_size": 0, "bytes": float(nbytes),
                      "time_s": med, "lo": lo, "hi": hi, "n": len(g),
                      "predicted_s": cm.ring_allreduce_time(nbytes, int(procs), a, b)})
-    steps = current(scaling_df) if scaling_df is not None else pd.DataFrame()
+    steps = pd.DataFrame()
+    if scaling_df is not None and len(scaling_df):
+        # the steps of the sitting the model was calibrated in: another sitting's compute
+        # speed drifts by as much as the model's error (study/sittings.py)
+        same = scaling_df[scaling_df["session"].isin(set(comm["session"]))]
+        steps = same if len(same) else current(scaling_df)
     if len(steps):
         d = steps[steps["strategy"].isin(["sequential", "allreduce", "param-server"])
                   & (steps["step"] > 1)].copy()

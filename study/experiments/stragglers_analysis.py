@@ -246,7 +246,8 @@ def momentum_frame(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         return pd.DataFrame()
     d = pd.concat(got, ignore_index=True, sort=False)
     d = d[(d["mode"] == "none") & d["strategy"].isin(["hogwild", "sequential"])]
-    return d.assign(session="all")  # one comparison across both parts
+    # one comparison across both parts, named by the sittings it draws on
+    return d.assign(session="+".join(sorted(set(d["session"].astype(str)))))
 
 
 def targets(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:

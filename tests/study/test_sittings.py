@@ -27,14 +27,27 @@ def speedup_headline(frames):
         scale="standard", cpu="cpu"))]
 
 
-def test_nth_sitting_is_per_experiment_and_falls_back_to_the_oldest():
+def test_a_sitting_frame_takes_that_sitting_where_it_exists_else_the_newest():
     df = pd.concat([rates("20260101T1", {("seq", 1): [1]}), rates("20260101T2", {("seq", 1): [2]}),
                     rates("20260101T3", {("seq", 1): [3]}, experiment="other")])
-    assert sittings.sitting_count({"f": df}) == 2
-    newest, older, beyond = (sittings.nth_sitting(df, k) for k in (0, 1, 5))
-    assert sorted(newest["samples_per_s"]) == [2, 3]
-    assert sorted(older["samples_per_s"]) == [1, 3]
-    assert sorted(beyond["samples_per_s"]) == [1, 3]
+    assert sittings.sessions({"f": df}) == ["20260101T3", "20260101T2", "20260101T1"]
+    assert sorted(sittings.sitting_frames(df, "20260101T1")["samples_per_s"]) == [1, 3]
+    assert sorted(sittings.sitting_frames(df, "20260101T3")["samples_per_s"]) == [2, 3]
+
+
+def test_a_headline_pairing_two_files_is_pooled_only_from_matching_sittings():
+    """A cost-model-like number: file b's sitting paired with file a's rows of the same
+    sitting. The build for a's newer sitting pairs it with b's only sitting: not counted."""
+    a = pd.concat([rates("20260101T1", {("seq", 1): [100]}), rates("20260101T2", {("seq", 1): [150]})])
+    b = rates("20260101T1", {("seq", 1): [1]})
+
+    def build(frames):
+        s = str(frames["b"]["session"].iloc[0])
+        v = float(frames["a"]["samples_per_s"].iloc[0])
+        return [A.Headline("pair", "pair", v, session=s, trials=1)]
+
+    [h] = sittings.pooled_headlines(build, {"a": a, "b": b})
+    assert h.value == 100 and h.session == "20260101T1"
 
 
 def test_one_sitting_is_left_as_it_is():
