@@ -183,6 +183,15 @@ def reproduction_checks(scale: str = DEFAULT_SCALE) -> list[dict[str, Any]]:
                          "or delete it") from None
 
 
+def reproduction_table(scale: str = DEFAULT_SCALE) -> pd.DataFrame:
+    """Every re-run check as one table: when, which headline, committed, re-run, inside?"""
+    rows = [{"checked": c["checked"], "headline": r["label"], "committed": r["committed"],
+             "committed sittings": r.get("committed_sittings", ""), "re-run": r["rerun"],
+             "inside": r["inside"]}
+            for c in reproduction_checks(scale) for r in c["rows"]]
+    return pd.DataFrame(rows)
+
+
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {str(k): jsonable(v) for k, v in obj.items()}

@@ -58,13 +58,16 @@ def compare(folder: str | os.PathLike, scale: str = DEFAULT_SCALE) -> dict[str, 
                                  pooled=False)
     committed_frames = report.family_frames(scale)
     committed = report.all_headlines(committed_frames)
-    table = sittings.check(committed, [h for h in rerun if h.measured])
-    table = table[table["inside"].notna()].reset_index(drop=True)
+    table = sittings.check(committed, rerun)
+    measured = {h.key for h in rerun if h.measured}
+    table = table[table["key"].isin(measured)].reset_index(drop=True)
+    checked = table["inside"].map(lambda v: isinstance(v, bool))
     return {"checked": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "scale": scale, "families": sorted(present),
             "rerun_sessions": sessions_of(rerun_frames),
             "committed_sessions": sessions_of({f: committed_frames[f] for f in present}),
-            "inside": int(table["inside"].sum()), "compared": len(table),
+            "inside": int(table.loc[checked, "inside"].astype(bool).sum()),
+            "compared": int(checked.sum()),
             "rows": table.to_dict("records")}
 
 
@@ -98,7 +101,7 @@ def table_text(rec: Mapping[str, Any]) -> str:
              f"against {len(rec['committed_sessions'])} committed sitting(s): "
              f"{rec['inside']} of {rec['compared']} inside"]
     for r in rec["rows"]:
-        mark = "inside " if r["inside"] else "OUTSIDE"
+        mark = "n/a    " if r["inside"] is None else "inside " if r["inside"] else "OUTSIDE"
         lines.append(f"  {mark}  {r['key']:<36} committed {r['committed']:<28} "
                      f"re-run {r['rerun']}")
     return "\n".join(lines)

@@ -142,8 +142,9 @@ def check(committed: Sequence[analysis.Headline],
           rerun: Sequence[analysis.Headline]) -> pd.DataFrame:
     """Is each re-run headline inside the committed interval? One row per committed key.
 
-    ``inside`` is True/False where both are measured (a headline without an interval must
-    be equal: it is deterministic), None where either is not measured.
+    ``inside`` is True/False where both are measured (a headline of one run without an
+    interval must be equal: it is deterministic); None where either is not measured, the
+    number is a model's, or it has too few trials for an interval (``how`` says which).
     """
     by_key = {h.key: h for h in rerun}
     rows = []
@@ -156,6 +157,10 @@ def check(committed: Sequence[analysis.Headline],
             if math.isfinite(c.lo) and math.isfinite(c.hi):
                 row["inside"] = bool(c.lo <= r.value <= c.hi)
                 row["how"] = "re-run median inside the committed 95% interval"
+            elif c.unit.startswith("modelled"):
+                row["how"] = "not checked: a model's output, not a measurement"
+            elif c.trials >= 2:
+                row["how"] = "not checked: too few trials for an interval"
             else:
                 row["inside"] = bool(math.isclose(r.value, c.value, rel_tol=1e-9,
                                                   abs_tol=1e-15))

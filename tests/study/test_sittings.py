@@ -107,6 +107,12 @@ def test_check_says_inside_outside_and_equal():
     assert t.loc["x", "inside"] and t.loc["y", "inside"] and not t.loc["z", "inside"]
     assert t.loc["w", "inside"] is None
     assert "deterministic" in t.loc["y", "how"]
+    few = A.Headline("f", "f", 0.06, unit="error", trials=2)
+    model = A.Headline("m", "m", 0.83, unit="modelled %")
+    t = sittings.check([few, model], [A.Headline("f", "f", 0.23, unit="error", trials=2),
+                                      A.Headline("m", "m", 0.85, unit="modelled %")])
+    assert t["inside"].isna().all()
+    assert list(t["how"].str.slice(0, 11)) == ["not checked"] * 2
 
 
 def baseline_rows(session, rate):
