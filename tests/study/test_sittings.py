@@ -38,7 +38,8 @@ def test_a_sitting_frame_takes_that_sitting_where_it_exists_else_the_newest():
 def test_a_headline_pairing_two_files_is_pooled_only_from_matching_sittings():
     """A cost-model-like number: file b's sitting paired with file a's rows of the same
     sitting. The build for a's newer sitting pairs it with b's only sitting: not counted."""
-    a = pd.concat([rates("20260101T1", {("seq", 1): [100]}), rates("20260101T2", {("seq", 1): [150]})])
+    a = pd.concat([rates("20260101T1", {("seq", 1): [100]}),
+                   rates("20260101T2", {("seq", 1): [150]})])
     b = rates("20260101T1", {("seq", 1): [1]})
 
     def build(frames):
