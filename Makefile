@@ -27,7 +27,8 @@ PIP_FILTER = { grep -v "is ignored" || true; }
         lint lab gpu-check clean distclean
 
 help:
-	@echo "make study      notebooks 01..06 headless, then results/summary.json, README table, report.pdf"
+	@echo "make study      notebooks 01..06 headless (a new sitting, checked against the committed"
+	@echo "                numbers into results/reproduction.json), then summary.json, README table, report.pdf"
 	@echo "                (make study SCALE=quick writes under build/quick; STUDY_ARGS=\"--only 01,06\")"
 	@echo "make summary    results/summary.json and the README's headline table"
 	@echo "make report     report.pdf from the saved results (refuses a dirty tree; --draft via STUDY_ARGS)"

@@ -134,9 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args.scale, args.draft, readme=False, out=args.out)
-    # all
+    # all: measure a new sitting, check it against the committed numbers, then report
+    from study import report, reproduce
+
+    before = report.family_frames(args.scale)
     if not _notebooks(args.scale, args.only, args.timeout, True):
         return 1
+    fresh = reproduce.new_rows(before, report.family_frames(args.scale))
+    if fresh and any(len(fr) for fr in before.values()):
+        rec = reproduce.check_record(before, fresh, args.scale)
+        print(reproduce.table_text(rec))
+        print(f"record: {reproduce.append_record(rec, args.scale)}")
     rc = _report(args.scale, args.draft, readme=True)
     print(f"study done in {time.perf_counter() - t0:.0f} s")
     return rc

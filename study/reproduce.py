@@ -7,7 +7,9 @@
 The re-run's headlines (its own newest sitting, not pooled) are compared with the committed
 ones (pooled over the sittings in results/, study/sittings.py) *before* the re-run is pooled
 in, and the table is appended to results/reproduction.json, which the report prints. Only
-families the re-run measured are compared.
+families the re-run measured are compared. ``make study`` (``python -m study all``) does the
+same for the sitting its notebooks add to results/: the committed frames are read before
+the notebooks measure, the new sitting's rows after (`new_rows`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,46 @@ def results_folder(folder: str | os.PathLike) -> Iterator[Path]:
             os.environ[paths.RESULTS_ENV] = old
 
 
-def sessions_of(frames: Mapping[str, Mapping[str, pd.DataFrame]]) -> list[str]:
+Frames = Mapping[str, Mapping[str, pd.DataFrame]]
+
+
+def sessions_of(frames: Frames) -> list[str]:
     return sorted({str(s) for fr in frames.values() for df in fr.values()
                    if df is not None and "session" in df for s in df["session"]})
+
+
+def new_rows(before: Frames, after: Frames) -> Frames:
+    """The rows of ``after`` whose sitting ``before`` does not have: what a run just added."""
+    old = set(sessions_of(before))
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    for family, fr in after.items():
+        for name, df in fr.items():
+            if df is not None and len(df) and "session" in df:
+                fresh = df[~df["session"].astype(str).isin(old)]
+                if len(fresh):
+                    out.setdefault(family, {})[name] = fresh
+    return out
+
+
+def check_record(committed_frames: Frames, rerun_frames: Frames,
+                 scale: str = DEFAULT_SCALE) -> dict[str, Any]:
+    """The re-run's own headlines (not pooled) against the committed (pooled) ones."""
+    present = {f for f, fr in rerun_frames.items() if any(len(df) for df in fr.values())}
+    rerun = report.all_headlines({f: fr for f, fr in rerun_frames.items() if f in present},
+                                 pooled=False)
+    committed = report.all_headlines(committed_frames)
+    table = sittings.check(committed, rerun)
+    measured = {h.key for h in rerun if h.measured}
+    table = table[table["key"].isin(measured)].reset_index(drop=True)
+    checked = table["inside"].map(lambda v: isinstance(v, bool))
+    return {"checked": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "scale": scale, "families": sorted(present),
+            "rerun_sessions": sessions_of({f: rerun_frames[f] for f in present}),
+            "committed_sessions": sessions_of({f: committed_frames.get(f, {})
+                                               for f in present}),
+            "inside": int(table.loc[checked, "inside"].astype(bool).sum()),
+            "compared": int(checked.sum()),
+            "rows": table.to_dict("records")}
 
 
 def compare(folder: str | os.PathLike, scale: str = DEFAULT_SCALE) -> dict[str, Any]:
@@ -53,22 +92,7 @@ def compare(folder: str | os.PathLike, scale: str = DEFAULT_SCALE) -> dict[str, 
                                 f"CNN_RESULTS_DIR={folder} first")
     with results_folder(folder):
         rerun_frames = report.family_frames(scale)
-    present = {f for f, fr in rerun_frames.items() if any(len(df) for df in fr.values())}
-    rerun = report.all_headlines({f: fr for f, fr in rerun_frames.items() if f in present},
-                                 pooled=False)
-    committed_frames = report.family_frames(scale)
-    committed = report.all_headlines(committed_frames)
-    table = sittings.check(committed, rerun)
-    measured = {h.key for h in rerun if h.measured}
-    table = table[table["key"].isin(measured)].reset_index(drop=True)
-    checked = table["inside"].map(lambda v: isinstance(v, bool))
-    return {"checked": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "scale": scale, "families": sorted(present),
-            "rerun_sessions": sessions_of(rerun_frames),
-            "committed_sessions": sessions_of({f: committed_frames[f] for f in present}),
-            "inside": int(table.loc[checked, "inside"].astype(bool).sum()),
-            "compared": int(checked.sum()),
-            "rows": table.to_dict("records")}
+    return check_record(report.family_frames(scale), rerun_frames, scale)
 
 
 def record_path(scale: str = DEFAULT_SCALE) -> Path:

@@ -152,3 +152,20 @@ def test_reproduce_checks_a_rerun_folder_then_pools_it(tmp_path, monkeypatch):
 def test_reproduce_refuses_an_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results"):
         reproduce.compare(tmp_path)
+
+
+def test_make_study_checks_only_the_sitting_its_notebooks_added(tmp_path, monkeypatch):
+    """`python -m study all` reads the committed frames before measuring and checks the
+    rows of the new sitting alone against them (`reproduce.new_rows`)."""
+    monkeypatch.setenv(paths.ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv(paths.RESULTS_ENV, raising=False)
+    (tmp_path / "results").mkdir()
+    schema.save(baseline_rows("20260101T1", 3000.0), "baseline_fashion_mnist")
+    before = report.family_frames()
+    schema.save(baseline_rows("20260101T2", 3001.0), "baseline_fashion_mnist")  # "notebooks"
+    fresh = reproduce.new_rows(before, report.family_frames())
+    assert set(fresh) == {"baseline"}
+    assert set(fresh["baseline"]["baseline_fashion_mnist"]["session"]) == {"20260101T2"}
+    rec = reproduce.check_record(before, fresh)
+    assert rec["rerun_sessions"] == ["20260101T2"] and rec["committed_sessions"] == ["20260101T1"]
+    assert rec["inside"] == rec["compared"] == 2  # 3003 inside [3000, 3004]
