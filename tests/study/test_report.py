@@ -86,9 +86,17 @@ def test_report_pdf_carries_the_numbers_and_the_draft_mark(repo):
     schema.save(baseline_rows(0.9123), "baseline_fashion_mnist")
     shutil.copytree(ROOT / "report", repo / "report")
     s = report.build_summary("standard", draft=True)
+    s["reproduction"] = [{"checked": "2026-01-01 00:00 UTC", "families": ["baseline"],
+                          "rerun_sessions": ["r"], "committed_sessions": ["c"], "inside": 1,
+                          "compared": 1, "rows": [
+                              {"label": "Sequential throughput", "committed": "1,003 [1,001, "
+                               "1,005]", "rerun": "1,004 [1,002, 1,006]", "inside": True},
+                              {"label": "Cost model error", "committed": "5.9%",
+                               "rerun": "23.1%", "inside": None}]}]
     pdf = report.build_report(s, repo / "out.pdf")
     text = "\n".join(p.extract_text() for p in pypdf.PdfReader(pdf).pages)
     assert "91.23%" in text and "DRAFT" in text
+    assert "1 of 1 inside" in text and "1,004 [1,002, 1,006]" in text and "n/a" in text
 
 
 @pytest.mark.slow
