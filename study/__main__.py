@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dest", help="output path ending in .csv or .parquet")
     sub.add_parser("schema", help="print the results schema")
     rp = scaled("reproduce", "is each headline of a re-run (its own results folder) inside "
-                "the committed 95%% interval? Recorded in results/reproduction.json")
+                "the committed interval? Recorded in results/reproduction.json")
     rp.add_argument("folder", help="the re-run's results folder (CNN_RESULTS_DIR of the re-run)")
     rp.add_argument("--pool", action="store_true",
                     help="then add the re-run to results/ as one more sitting")
