@@ -84,6 +84,8 @@ def test_a_dirty_tree_is_refused_unless_draft(repo):
 def test_report_pdf_carries_the_numbers_and_the_draft_mark(repo):
     pypdf = pytest.importorskip("pypdf")
     schema.save(baseline_rows(0.9123), "baseline_fashion_mnist")
+    later = baseline_rows(0.9123).assign(session="t", samples_per_s=lambda d: d.samples_per_s + 7)
+    schema.save(later, "baseline_fashion_mnist")  # a second sitting: pooled
     shutil.copytree(ROOT / "report", repo / "report")
     s = report.build_summary("standard", draft=True)
     s["reproduction"] = [{"checked": "2026-01-01 00:00 UTC", "families": ["baseline"],
@@ -97,6 +99,8 @@ def test_report_pdf_carries_the_numbers_and_the_draft_mark(repo):
     text = "\n".join(p.extract_text() for p in pypdf.PdfReader(pdf).pages)
     assert "91.23%" in text and "DRAFT" in text
     assert "1 of 1 inside" in text and "1,004 [1,002, 1,006]" in text and "n/a" in text
+    assert "Headlines by sitting" in text and "1,010 [1,008, 1,012]" in text  # newest
+    assert "1,006 [1,001, 1,012]" in text  # pooled: median of the two, envelope
 
 
 @pytest.mark.slow
