@@ -122,7 +122,7 @@ def pool_in(folder: str | os.PathLike, scale: str = DEFAULT_SCALE) -> list[Path]
 
 def table_text(rec: Mapping[str, Any]) -> str:
     lines = [f"re-run {', '.join(rec['rerun_sessions'])} ({', '.join(rec['families'])}) "
-             f"against {len(rec['committed_sessions'])} committed sitting(s): "
+             f"against the committed results of {len(rec['committed_sessions'])} session(s): "
              f"{rec['inside']} of {rec['compared']} inside"]
     for r in rec["rows"]:
         mark = "n/a    " if r["inside"] is None else "inside " if r["inside"] else "OUTSIDE"
