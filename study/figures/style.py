@@ -178,7 +178,9 @@ def with_ci(ax: Any, x: Sequence[float], med: Sequence[float], lo: Sequence[floa
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
     c = color(strategy if strategy is not None else label)
     known = np.isfinite(lo) & np.isfinite(hi)
-    yerr = np.vstack([np.where(known, med - lo, 0.0), np.where(known, hi - med, 0.0)])
+    # a percentile bound can miss the median by rounding (0.66 vs 0.6600000001): clip at 0
+    yerr = np.clip(np.vstack([np.where(known, med - lo, 0.0), np.where(known, hi - med, 0.0)]),
+                   0.0, None)
     ax.errorbar(x, med, yerr=yerr, marker=marker, linestyle=linestyle, color=c, label=label,
                 capsize=3, elinewidth=1.0)
 
