@@ -169,3 +169,17 @@ def test_make_study_checks_only_the_sitting_its_notebooks_added(tmp_path, monkey
     rec = reproduce.check_record(before, fresh)
     assert rec["rerun_sessions"] == ["20260101T2"] and rec["committed_sessions"] == ["20260101T1"]
     assert rec["inside"] == rec["compared"] == 2  # 3003 inside [3000, 3004]
+
+
+def test_an_error_bar_a_bound_misses_by_rounding_is_drawn_clipped():
+    """A percentile bound can sit 1e-10 past its median (seen in a stragglers sitting);
+    matplotlib refuses negative error bars, so `style.with_ci` clips them at zero."""
+    import matplotlib.pyplot as plt
+
+    from study.figures import style
+
+    fig, ax = plt.subplots()
+    style.with_ci(ax, [1.0, 2.0], [0.66, 0.7], [0.66 + 1e-10, 0.6], [0.73, 0.8], "x")
+    segments = ax.collections[0].get_segments()
+    assert segments[0][0][1] == pytest.approx(0.66) and segments[1][0][1] == pytest.approx(0.6)
+    plt.close(fig)
