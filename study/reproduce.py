@@ -47,8 +47,8 @@ Frames = Mapping[str, Mapping[str, pd.DataFrame]]
 
 
 def sessions_of(frames: Frames) -> list[str]:
-    return sorted({str(s) for fr in frames.values() for df in fr.values()
-                   if df is not None and "session" in df for s in df["session"]})
+    """Every session of every family's frames, oldest first (`sittings.sessions` per family)."""
+    return sorted({s for fr in frames.values() for s in sittings.sessions(fr)})
 
 
 def new_rows(before: Frames, after: Frames) -> Frames:
