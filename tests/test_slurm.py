@@ -66,17 +66,26 @@ def _job(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+RELEASE_AFTER_S = 3.0
+
+
 def _wait(job: str, states: tuple[str, ...], timeout: float = 240,
           release: bool = False) -> dict[str, str]:
     """Poll the job until its state is one of ``states``; ``release``: start a requeued
-    job at once (SLURM holds it back about two minutes by default)."""
+    job early (SLURM holds it back about two minutes by default), but not within
+    RELEASE_AFTER_S of seeing it pending: slurmd revokes the old run's credential and
+    compares times in whole seconds, so a restart launched in the same second as the
+    requeue is killed ("Job credential revoked") and the job ends FAILED."""
     deadline = time.monotonic() + timeout
+    pending_since = None
     while True:
         info = _job(job)
         if info.get("JobState") in states:
             return info
         if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since >= RELEASE_AFTER_S:
+                _run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
         assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')}: {info}"
         time.sleep(0.5)
 

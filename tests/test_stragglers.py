@@ -377,14 +377,17 @@ def _first_worker_sgd(a: argparse.Namespace) -> tuple[dict[str, np.ndarray], flo
 @pytest.mark.mpi
 def test_backup_workers_apply_w_minus_b_per_step_and_drop_every_other_gradient(tmp_path):
     """3 equal workers, B = 1: each step applies exactly 2 gradients; every other gradient
-    computed (about one per step) is received and dropped, none is lost."""
+    computed is received and dropped, none is lost. How many are dropped depends on the
+    scheduler (4 ranks on 2 cores: a late worker may skip steps without computing them),
+    but each epoch's last step leaves one worker unaccepted, so its epoch-end drain drops
+    at least one."""
     args = [*TINY, "--epochs", "2", "--strategy", "param-server", "--backup-workers", "1"]
     df, _ = mpirun(4, args, tmp_path)
     spe = math.ceil(193 / 48)
     assert (df["gradients"] - df["dropped"]).tolist() == [2 * spe, 2 * spe]
     assert sum(df["rank_applied"].iloc[0]) == 2 * 2 * spe
     assert df["gradients"].sum() == sum(df["rank_steps"].iloc[0])
-    assert df["dropped"].sum() >= spe  # the late one of most steps
+    assert (df["dropped"] >= 1).all()
 
 
 def test_hogwild_straggler_and_dynamic_claims(tmp_path):
