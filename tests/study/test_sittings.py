@@ -116,6 +116,15 @@ def test_check_says_inside_outside_and_equal():
     assert list(t["how"].str.slice(0, 11)) == ["not checked"] * 2
 
 
+def test_a_pooled_model_output_is_still_not_checked():
+    """Two sittings' cost models give a range of outputs, not a 95% interval to re-run."""
+    pooled = sittings.pool([A.Headline("m", "m", 0.841, unit="modelled %", session="b"),
+                            A.Headline("m", "m", 0.835, unit="modelled %", session="a")])
+    assert (pooled.lo, pooled.hi) == (0.835, 0.841)
+    t = sittings.check([pooled], [A.Headline("m", "m", 0.859, unit="modelled %")])
+    assert t["inside"].iloc[0] is None and "model's output" in t["how"].iloc[0]
+
+
 def baseline_rows(session, rate):
     raw = [make_row(experiment="baseline_train", strategy="sequential", backend="numpy",
                     processes=1, threads=1, device="cpu", model="seed_cnn",
