@@ -345,10 +345,9 @@ def costmodel_check(costmodel_df: pd.DataFrame, scaling_df: pd.DataFrame | None 
                      "predicted_s": cm.ring_allreduce_time(nbytes, int(procs), a, b)})
     steps = pd.DataFrame()
     if scaling_df is not None and len(scaling_df):
-        # the steps of the sitting the model was calibrated in: another sitting's compute
-        # speed drifts by as much as the model's error (study/sittings.py)
-        same = scaling_df[scaling_df["session"].isin(set(comm["session"]))]
-        steps = same if len(same) else current(scaling_df)
+        # only the steps of the sitting the model was calibrated in: another sitting's
+        # compute speed drifts by as much as the model's error (study/sittings.py)
+        steps = scaling_df[scaling_df["session"].isin(set(comm["session"]))]
     if len(steps):
         d = steps[steps["strategy"].isin(["sequential", "allreduce", "param-server"])
                   & (steps["step"] > 1)].copy()
@@ -480,8 +479,11 @@ def costmodel_headlines(costmodel_df: pd.DataFrame | None,
                             note="the model has no term for ranks slowing each other's "
                                  "compute on one host", **meta))
     else:
-        out.append(analysis.not_measured("costmodel_step_error", label_err,
-                                         "no allreduce scaling rows with P >= 2 to check"))
+        out.append(analysis.not_measured(
+            "costmodel_step_error", label_err,
+            f"no allreduce scaling steps with P >= 2 from the sitting the model was "
+            f"calibrated in ({meta['session']}): run the scaling and cost-model parts of "
+            f"notebook 04 together"))
     ext = extrapolation(costmodel_df)
     hit = ext[(ext["network"] == "IB-100G") & (ext["processes"] == 1024)] if len(ext) else ext
     if len(hit):

@@ -355,6 +355,20 @@ def test_costmodel_fit_check_and_extrapolation_known_answer():
     assert e["weak_efficiency"] == pytest.approx(want, rel=1e-6)
 
 
+def test_the_cost_model_is_checked_only_against_its_own_sittings_steps():
+    """A sitting whose scaling rows were dropped must not borrow another sitting's steps:
+    compute speed drifts between sittings by as much as the model's error."""
+    df = costmodel_frame(session="20260101T1")
+    steps = frame([*timing_rows("sequential", 1, 64 / (C0 + C1 * 64)),
+                   *timing_rows("allreduce", 2, 100.0)], session="20260101T2")
+    check = A.costmodel_check(df, steps)
+    assert set(check["kind"]) == {"allreduce"}
+    hs = {h.key: h for h in A.costmodel_headlines(df, steps)}
+    assert not hs["costmodel_step_error"].measured
+    assert "20260101T1" in hs["costmodel_step_error"].note
+    assert hs["costmodel_weak_1024_ib"].measured
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 def series_in(ax) -> int:
