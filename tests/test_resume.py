@@ -364,8 +364,12 @@ def test_async_resume_applies_every_batch_once(tmp_path, who, assign):
     # uninterrupted); the run as a whole trains on every sample of every epoch
     assert got["samples"].iloc[-1] == ref_df["samples"].iloc[-1] == 3 * 200
     assert np.isfinite(got["train_loss"]).all()
-    assert np.isnan(got["step_ms_median"].iloc[0])  # epoch 1 ran before the stop: no times
-    assert (got["step_ms_median"].iloc[1:] > 0).all()
+    # epochs the server closed before the stop have no step times; which epoch a stop near
+    # the boundary lands in is up to the race, so ask the checkpoint
+    closed = len(meta["async"]["epochs"])
+    assert closed <= 2
+    assert np.isnan(got["step_ms_median"].iloc[:closed]).all()
+    assert (got["step_ms_median"].iloc[closed:] > 0).all()
     # resuming a finished run trains nothing and gives the same frame
     again = tmp_path / "again.pkl"
     _ok(mpirun(3, [*flags, "--checkpoint-dir", str(ck), "--resume", "--save-metrics",
