@@ -4,7 +4,7 @@ One row per measured run, epoch or trial in ``results/<name>.pkl``. Frames are v
 on every save and every load; a file that does not match fails with an error naming the
 file and the column. Rows of one scale never replace rows of another. A re-run on one
 host adds a sitting beside that host's earlier ones of the same experiments and scale (the
-newest three are kept and the headlines pool them), unless ``$CNN_REPLACE_SITTINGS`` asks
+newest five are kept and the headlines pool them), unless ``$CNN_REPLACE_SITTINGS`` asks
 for a replacement (docs/DESIGN.md, "Results").
 
 Results pickles are trusted input (unpickling runs code): they are read only from the
@@ -314,7 +314,7 @@ def load_all(scale: str = "standard", strict: bool = False) -> dict[str, pd.Data
 
 #: Sittings (sessions) of one experiment kept per host and scale: the headlines pool them
 #: (study/sittings.py), so a number is not one sitting's luck on a shared machine.
-SITTINGS_KEPT = 3
+SITTINGS_KEPT = 5
 #: Set (``--replace`` on a family's command line) to drop the earlier sittings instead of
 #: pooling with them: after a change to the code or the preset that moves the numbers.
 REPLACE_ENV = "CNN_REPLACE_SITTINGS"

@@ -100,7 +100,9 @@ def test_report_pdf_carries_the_numbers_and_the_draft_mark(repo):
     assert "91.23%" in text and "DRAFT" in text
     assert "1 of 1 inside" in text and "1,004 [1,002, 1,006]" in text and "n/a" in text
     assert "Headlines by sitting" in text and "1,010 [1,008, 1,012]" in text  # newest
-    assert "1,006 [1,001, 1,012]" in text  # pooled: median of the two, envelope
+    [pooled] = [h for h in s["headlines"] if h["key"] == "baseline_throughput"]
+    assert pooled["value"] == pytest.approx(1006.5, abs=1) and pooled["lo"] < 1001
+    assert pooled["hi"] > 1012 and pooled["text"] in text  # median, re-run interval
 
 
 @pytest.mark.slow

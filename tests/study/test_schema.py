@@ -91,11 +91,11 @@ def test_a_rerun_is_kept_as_a_sitting_beside_the_earlier_ones(scratch):
         [("elsewhere", "a")] * 2 + [(here, "a")] * 2 + [(here, "b")] * 2)
 
 
-def test_the_same_sitting_saved_again_replaces_itself_and_only_three_are_kept(scratch):
-    for session in ("s1", "s2", "s3", "s3", "s4"):
+def test_the_same_sitting_saved_again_replaces_itself_and_only_five_are_kept(scratch):
+    for session in ("s1", "s2", "s3", "s3", "s4", "s5", "s6"):
         schema.save(rows(session=session), "exp")
     df = schema.load("exp")
-    assert sorted(set(df["session"])) == ["s2", "s3", "s4"]
+    assert sorted(set(df["session"])) == ["s2", "s3", "s4", "s5", "s6"]
     assert (df["session"].value_counts() == 2).all()
 
 
