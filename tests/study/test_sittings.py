@@ -169,6 +169,18 @@ def test_check_says_inside_outside_and_equal():
     assert list(t["how"].str.slice(0, 11)) == ["not checked"] * 2
 
 
+def test_a_deterministic_number_pooled_over_sittings_is_still_checked_for_equality():
+    """Three sittings of a bit-identical accuracy sum to 3 trials but still have no spread:
+    a re-run must give the same number, not be waved through as 'too few trials'."""
+    same = sittings.pool([A.Headline("acc", "acc", 0.9203, session=s, trials=1)
+                          for s in ("c", "b", "a")])
+    assert same.trials == 3 and math.isnan(same.lo)
+    t = sittings.check([same], [A.Headline("acc", "acc", 0.9203, trials=1)])
+    assert t["inside"].tolist() == [True] and "deterministic" in t["how"].iloc[0]
+    t = sittings.check([same], [A.Headline("acc", "acc", 0.9190, trials=1)])
+    assert t["inside"].tolist() == [False]
+
+
 def test_a_pooled_model_output_is_still_not_checked():
     """Two sittings' cost models give a range of outputs, not a 95% interval to re-run."""
     pooled = sittings.pool([A.Headline("m", "m", 0.841, unit="modelled %", session="b"),
