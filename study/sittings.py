@@ -17,8 +17,10 @@ sitting by its family's own `headlines(frames)`, then pooled:
   prediction interval, never narrower than the sittings' trial noise (drift cannot make
   the next sitting quieter than its own trials). Ratios, rates, times and efficiencies are
   positive and multiplicative, so this is done on their logarithm; differences in points
-  are done as they are. Declared before the fifth pass of re-runs, not fitted to it. The
-  envelope of the sittings' intervals is kept beside it (``extra["envelope"]``);
+  and a model's error, which may sit at zero, are done as they are. Declared before the
+  fifth pass of re-runs, not fitted to it (the error's scale was corrected after: on the
+  logarithm, three errors of 3-23% gave [0%, 2300%]). The envelope of the sittings'
+  intervals is kept beside it (``extra["envelope"]``);
 - flags: a sitting's flags carry over; the pooled interval is checked again for width
   (except for differences in points, which may sit at zero); two sittings whose intervals
   do not overlap are flagged as disagreeing;
@@ -41,9 +43,11 @@ import pandas as pd
 from study import analysis
 
 Frames = Mapping[str, pd.DataFrame]
-#: Units whose value is a difference that may be zero: a width relative to it means nothing,
-#: and the prediction interval is taken on the value itself, not its logarithm.
+#: Units whose value is a difference that may be zero: a width relative to it means nothing.
 NO_WIDTH_RULE = ("points",)
+#: Units that may sit at zero (differences, a model's error): their prediction interval is
+#: taken on the value itself; every other positive unit varies by factors (its logarithm).
+LINEAR_UNITS = ("points", "error")
 #: Coverage of the re-run (prediction) interval.
 PREDICTION = 0.95
 
@@ -114,7 +118,7 @@ def interval(h: analysis.Headline) -> tuple[float, float]:
 def on_log_scale(heads: Sequence[analysis.Headline]) -> bool:
     """Positive multiplicative numbers (ratios, rates, times, efficiencies) vary by factors."""
     bounds = [b for h in heads for b in (h.value, *interval(h))]
-    return heads[0].unit not in NO_WIDTH_RULE and all(b > 0 for b in bounds)
+    return heads[0].unit not in LINEAR_UNITS and all(b > 0 for b in bounds)
 
 
 def rerun_interval(heads: Sequence[analysis.Headline]) -> tuple[float, float, str]:

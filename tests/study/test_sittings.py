@@ -102,6 +102,10 @@ def test_sittings_that_agree_better_than_their_trials_get_the_trial_noise_as_wid
     h = sittings.pool(diffs)
     assert (h.lo, h.hi) == pytest.approx(prediction_by_hand(diffs, log=False), rel=1e-6)
     assert "linear scale" in h.extra["interval"]
+    errors = [A.Headline("e", "e", v, session=str(i), unit="error", trials=1)
+              for i, v in enumerate((0.029, 0.154, 0.231))]
+    h = sittings.pool(errors)  # an error near zero is not a factor away from 15%
+    assert (h.lo, h.hi) == pytest.approx(prediction_by_hand(errors, log=False), rel=1e-6)
 
 
 @pytest.mark.parametrize("drift", [0.0, 1.0, 3.0])
