@@ -13,6 +13,7 @@ from a clean commit, so its provenance names code that exists (docs/DESIGN.md).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -140,6 +141,35 @@ def key_findings(heads: Sequence[analysis.Headline]) -> list[str]:
             if k in by_key and by_key[k].measured and not by_key[k].anomaly]
 
 
+#: Flags that say a number's size varies (between trials or sittings), not that it is wrong.
+VARIES = ("wider than", "sittings disagree")
+#: No effect, for a ratio and for a difference: a direction is a finding when the whole
+#: re-run interval lies on one side of it.
+NO_EFFECT = {"x": 1.0, "points": 0.0}
+
+
+def directional_findings(heads: Sequence[analysis.Headline]) -> list[str]:
+    """`KEY_FINDINGS` flagged only because their size varies, whose whole interval lies on
+    one side of no effect (1x, 0 points): the direction reproduces, the size does not."""
+    by_key = {h.key: h for h in heads}
+    out = []
+    for key in KEY_FINDINGS:
+        h = by_key.get(key)
+        if h is None or not h.measured or not h.anomaly or h.unit not in NO_EFFECT:
+            continue
+        parts = [p for p in h.anomaly.split("; ") if p]
+        if not all(any(v in p for v in VARIES) for p in parts):
+            continue
+        none = NO_EFFECT[h.unit]
+        side = "above" if h.lo > none else "below" if h.hi < none else ""
+        if side:
+            unit = f"{none:g}x" if h.unit == "x" else f"{none:g} points"
+            out.append(finding(dataclasses.replace(h, anomaly=""))[:-1] + f"; the whole "
+                       f"interval is {side} {unit}, but its size varies by more than "
+                       f"{analysis.WIDE_CI:.0%} between sittings (flagged).")
+    return out
+
+
 def build_summary(scale: str = DEFAULT_SCALE, draft: bool = False) -> dict[str, Any]:
     """Everything the README table and the report print, as one JSON-able dict.
 
@@ -160,6 +190,7 @@ def build_summary(scale: str = DEFAULT_SCALE, draft: bool = False) -> dict[str, 
         "headlines": [h.to_dict() for h in heads],
         "findings": [finding(h) for h in heads if h.measured],
         "key_findings": key_findings(heads),
+        "directional_findings": directional_findings(heads),
         "not_measured": [finding(h) for h in heads if not h.measured],
         "counts": {"measured": sum(h.measured for h in heads),
                    "not_measured": sum(not h.measured for h in heads),
@@ -224,6 +255,10 @@ def readme_table(summary: Mapping[str, Any]) -> str:
     if summary.get("key_findings"):
         lines += ["**Key findings** (measured, not flagged):", ""]
         lines += [f"- {line}" for line in summary["key_findings"]]
+    if summary.get("directional_findings"):
+        lines += ["", "**Directions that reproduce, sizes that vary** (flagged):", ""]
+        lines += [f"- {line}" for line in summary["directional_findings"]]
+    if summary.get("key_findings") or summary.get("directional_findings"):
         lines += ["", "**Every headline:**", ""]
     lines += ["| finding | value [95% CI] | trials | configuration | source |",
               "| --- | ---: | ---: | --- | --- |"]

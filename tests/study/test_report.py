@@ -135,3 +135,24 @@ def test_the_abstract_leads_with_measured_unflagged_key_findings_in_order():
     lines = report.key_findings(heads)
     assert [line.split(":")[0] for line in lines] == ["MPI weak", "HOGWILD"]
     assert "[" in lines[0]  # its interval goes with it
+
+
+def test_a_key_finding_whose_size_varies_but_direction_holds_is_listed_apart():
+    from study.analysis import Headline
+    wide = "the re-run interval over 4 sittings [1.4, 2.6] is wider than 20% of the median 1.9"
+    heads = [Headline("hogwild_speedup_b32", "HOGWILD", 1.9, 1.4, 2.6, "x", trials=5,
+                      anomaly=wide),
+             Headline("numba1t_vs_torch1t_seed", "Numba/torch", 1.0, 0.5, 2.3, "x",
+                      trials=5, anomaly=wide),  # straddles 1x: no direction either
+             Headline("peers_kfold_vs_joblib_e2e", "k-fold/joblib", 0.72, 0.56, 0.95, "x",
+                      trials=5, anomaly=wide),
+             Headline("stragglers_slow4x_sooner", "slow", 2.4, 2.2, 3.4, "x", trials=5,
+                      anomaly="efficiency 1.2 > 1.05")]  # a flag of another kind
+    assert report.key_findings(heads) == []
+    lines = report.directional_findings(heads)
+    assert [line.split(":")[0] for line in lines] == ["HOGWILD", "k-fold/joblib"]
+    assert "above 1x" in lines[0] and "below 1x" in lines[1]
+    assert "[1.40, 2.60]" in lines[0] and "wider than 20% of the median" not in lines[0]
+    table = report.readme_table({"key_findings": [], "directional_findings": lines,
+                                 "headlines": []})
+    assert "Directions that reproduce" in table and "Every headline" in table
