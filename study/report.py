@@ -160,10 +160,10 @@ def directional_findings(heads: Sequence[analysis.Headline]) -> list[str]:
         parts = [p for p in h.anomaly.split("; ") if p]
         if not all(any(v in p for v in VARIES) for p in parts):
             continue
-        none = NO_EFFECT[h.unit]
-        side = "above" if h.lo > none else "below" if h.hi < none else ""
+        null = NO_EFFECT[h.unit]
+        side = "above" if h.lo > null else "below" if h.hi < null else ""
         if side:
-            unit = f"{none:g}x" if h.unit == "x" else f"{none:g} points"
+            unit = f"{null:g}x" if h.unit == "x" else f"{null:g} points"
             out.append(finding(dataclasses.replace(h, anomaly=""))[:-1] + f"; the whole "
                        f"interval is {side} {unit}, but its size varies by more than "
                        f"{analysis.WIDE_CI:.0%} between sittings (flagged).")
